@@ -1,0 +1,1 @@
+"""Data sources (built-in aliases and files) and tokenization into windows."""

@@ -1,0 +1,1 @@
+"""Metrics: perplexity, embedding fidelity, linear probe, size, latency, and the report."""

@@ -1,0 +1,1 @@
+"""Pruning: score functions, masks, and the methods built on them."""

@@ -1,0 +1,1 @@
+"""Quantization: affine math (qscheme), packing, and the methods built on them."""
