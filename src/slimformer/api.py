@@ -1,0 +1,149 @@
+"""The Python API: `compress`, `evaluate`, `load`. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from slimformer.context import StepContext
+from slimformer.data.sources import load_data
+from slimformer.errors import UserError
+from slimformer.evaluate.measure import DEFAULT_CALIB, EvalSettings, measure, prepare_eval
+from slimformer.evaluate.report import environment, metrics_table, plot_report, report_markdown
+from slimformer.evaluate.size import folder_bytes
+from slimformer.export.artifact import save_artifact
+from slimformer.models.layout import select_linears
+from slimformer.models.loading import ModelBundle, load_bundle
+from slimformer.recipe import Recipe
+from slimformer.registry import get_method
+
+
+def load(path: str | Path) -> nn.Module:
+    """Load a model (compressed output folder, HF folder, or alias) in eval mode, without pickle."""
+    return load_bundle(path).model
+
+
+def compress(
+    model: str | Path | ModelBundle,
+    recipe: Recipe | dict | str | Path,
+    calib: str | None = None,
+    eval: str | EvalSettings | None = None,  # noqa: A002 - the contract's name
+    *,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run `recipe` on `model`, measure before/after, and (with `output`) write the folder.
+
+    Returns the report dict (see DESIGN.md). The input model is never modified: a loaded bundle
+    is deep-copied first, and output goes to a temporary sibling renamed only when complete.
+    """
+    started = time.perf_counter()
+    recipe = Recipe.coerce(recipe)
+    out_dir = _check_output(output, overwrite)
+    settings = eval if isinstance(eval, EvalSettings) else EvalSettings(data=eval, progress=progress)
+    bundle = load_bundle(model) if not isinstance(model, ModelBundle) else model
+    calib_data = load_data(calib or DEFAULT_CALIB[bundle.kind], "calib")
+    data = prepare_eval(bundle, settings)
+    work = copy.deepcopy(bundle.model)
+    for step in recipe.steps:  # fail on unmatched patterns before any measurement
+        select_linears(work, step.config.targets, step.config.ignore)
+
+    baseline = measure(bundle, data, settings)
+    baseline["size_bytes"] = _source_bytes(bundle)
+
+    ctx = StepContext(tokenizer=bundle.tokenizer, kind=bundle.kind, calib=calib_data, progress=progress)
+    steps = []
+    for step in recipe.steps:
+        t0 = time.perf_counter()
+        info = get_method(step.method).apply(work, step.config, ctx)
+        steps.append({"method": step.method, **step.to_dict(), **info, "wall_s": round(time.perf_counter() - t0, 2)})
+    compressed_bundle = ModelBundle(work, bundle.tokenizer, bundle.kind, bundle.name)
+    compressed = measure(compressed_bundle, data, settings)
+
+    report = {
+        "model": bundle.name, "recipe": recipe.to_dict(), "eval_data": data.name,
+        "calib_data": calib or DEFAULT_CALIB[bundle.kind],
+        "baseline": baseline, "compressed": compressed, "steps": steps, "environment": environment(),
+    }
+    if out_dir is None:
+        compressed["size_bytes"] = _saved_bytes(compressed_bundle, recipe)
+        report["wall_s"] = round(time.perf_counter() - started, 2)
+        return report
+    _write_output(out_dir, compressed_bundle, recipe, report, started, overwrite)
+    return report
+
+
+def evaluate(model: str | Path | ModelBundle, eval: str | EvalSettings | None = None, *, progress: bool = True) -> dict[str, Any]:  # noqa: A002
+    """Measure one model (alias, HF folder or compressed folder): quality, size, speed."""
+    settings = eval if isinstance(eval, EvalSettings) else EvalSettings(data=eval, progress=progress)
+    bundle = load_bundle(model) if not isinstance(model, ModelBundle) else model
+    data = prepare_eval(bundle, settings)
+    metrics = measure(bundle, data, settings)
+    metrics["size_bytes"] = _source_bytes(bundle)
+    return {"model": bundle.name, "eval_data": data.name, "metrics": metrics, "environment": environment()}
+
+
+def _check_output(output: str | Path | None, overwrite: bool) -> Path | None:
+    if output is None:
+        return None
+    out = Path(output).expanduser()
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"output '{out}' already exists and is not empty; choose another path or pass --overwrite.")
+    if not out.parent.exists():
+        raise UserError(f"output's parent folder '{out.parent}' does not exist.")
+    return out
+
+
+def _source_bytes(bundle: ModelBundle) -> int:
+    if bundle.folder is not None:
+        return folder_bytes(bundle.folder)
+    return _saved_bytes(bundle, None)
+
+
+def _saved_bytes(bundle: ModelBundle, recipe: Recipe | None) -> int:
+    with tempfile.TemporaryDirectory(prefix="slimformer-size-") as tmp:
+        return save_artifact(bundle.model, Path(tmp), kind=bundle.kind,
+                             extra={"recipe": recipe.to_dict()} if recipe else None)
+
+
+def _write_output(out: Path, bundle: ModelBundle, recipe: Recipe, report: dict, started: float, overwrite: bool) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        report["compressed"]["size_bytes"] = save_artifact(
+            bundle.model, tmp, kind=bundle.kind, tokenizer=bundle.tokenizer,
+            extra={"recipe": recipe.to_dict(), "source_model": bundle.name},
+        )
+        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+        report["wall_s"] = round(time.perf_counter() - started, 2)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        (tmp / "report.md").write_text(report_markdown(report))
+        plot_report(report, tmp / "report.png")
+        if out.exists() and overwrite:
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if out.exists():
+                out.rmdir()  # an empty folder the user made
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """The before/after table printed at the end of `compress`."""
+    return metrics_table({"baseline": report["baseline"], "compressed": report["compressed"]})
+
+
+__all__ = ["compress", "evaluate", "load", "summary_table"]

@@ -1,0 +1,102 @@
+"""`slimformer` command line: parse arguments, build a recipe, call the API. Nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from slimformer.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimformer", description="Compress Transformer models and measure the result.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def eval_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--eval", metavar="DATA", help="evaluation data: lee-news, tweets, or a .txt/.jsonl/.csv path")
+        p.add_argument("--max-windows", type=int, help="evaluate perplexity on the first N 512-token windows only")
+        p.add_argument("--latency-batch", type=int, default=1)
+        p.add_argument("--latency-seq", type=int, default=128)
+        p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+        p.add_argument("--threads", type=int, help="threads for latency (default: torch's current setting)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    c = sub.add_parser("compress", help="compress MODEL with a recipe and write DIR")
+    c.add_argument("model", help="built-in alias (smollm2-135m, minilm-l6) or a local Hugging Face folder")
+    c.add_argument("--recipe", required=True, help="recipe YAML file")
+    c.add_argument("--output", required=True, help="output folder (written atomically)")
+    c.add_argument("--calib", metavar="DATA", help="calibration data (default: lee-news / tweets)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    eval_options(c)
+
+    e = sub.add_parser("evaluate", help="measure a model or a compressed folder")
+    e.add_argument("model", help="alias, Hugging Face folder, or slimformer output folder")
+    e.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
+    eval_options(e)
+    return parser
+
+
+def _settings(args: argparse.Namespace):  # -> EvalSettings
+    from slimformer.evaluate.measure import EvalSettings
+
+    for name in ("max_windows", "latency_batch", "latency_seq", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
+    return EvalSettings(
+        data=args.eval, max_windows=args.max_windows, latency=not args.no_latency,
+        latency_batch=args.latency_batch, latency_seq=args.latency_seq, threads=args.threads,
+        progress=not args.quiet,
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    import transformers
+
+    from slimformer import api
+    from slimformer.evaluate.report import metrics_table
+
+    transformers.logging.set_verbosity_error()  # the CLI owns this process: keep its output readable
+    transformers.utils.logging.disable_progress_bar()
+    if args.command == "compress":
+        report = api.compress(
+            args.model, Path(args.recipe), calib=args.calib, eval=_settings(args),
+            output=args.output, overwrite=args.overwrite, progress=not args.quiet,
+        )
+        print(f"\n{report['model']} on {report['eval_data']}:\n")
+        print(api.summary_table(report))
+        print(f"\nwrote {args.output} in {report['wall_s']:.1f} s")
+    elif args.command == "evaluate":
+        result = api.evaluate(args.model, _settings(args))
+        print(f"\n{result['model']} on {result['eval_data']}:\n")
+        print(metrics_table({result["model"]: result["metrics"]}))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: exit 0 on success, 2 on bad input, 1 on internal failure."""
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except UserError as exc:
+        print(f"slimformer: error: {exc}", file=sys.stderr)
+        if args.debug:
+            raise
+        return 2
+    except KeyboardInterrupt:
+        print("slimformer: interrupted; no output was written.", file=sys.stderr)
+        return 130
+    except Exception as exc:  # internal failure: short message unless --debug
+        if args.debug:
+            raise
+        print(f"slimformer: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Shared pieces of method configs: strict construction from dicts and common validators."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+from slimformer.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetedConfig:
+    """Keys every layer-wise method shares: which linear layers it touches.
+
+    targets: name patterns (full name, dotted suffix, class name, or `re:REGEX`); empty means every
+    linear layer inside the Transformer blocks. ignore: patterns removed from that set.
+    """
+
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+
+
+def build_config(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Construct frozen dataclass `cls` from a recipe mapping, rejecting unknown keys and bad types."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed keys: {', '.join(fields)}.")
+    hints = typing.get_type_hints(cls)
+    kwargs = {key: _coerce(value, hints[key], f"{where}.{key}") for key, value in values.items()}
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except UserError:
+                continue
+        raise UserError(f"{where}: got {value!r}, expected {_describe(hint)}.")
+    if origin is typing.Literal:
+        if value not in typing.get_args(hint):
+            raise UserError(f"{where}: got {value!r}, expected one of {', '.join(map(repr, typing.get_args(hint)))}.")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise UserError(f"{where}: got {value!r}, expected a list of strings.")
+        return tuple(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: got {value!r}, expected true or false.")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where}: got {value!r}, expected an integer.")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where}: got {value!r}, expected a number.")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise UserError(f"{where}: got {value!r}, expected a string.")
+        return value
+    return value
+
+
+def _describe(hint: Any) -> str:
+    return " or ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(hint) if a is not type(None))
+
+
+def check_range(name: str, value: float, low: float, high: float, *, high_open: bool = False) -> None:
+    """UserError unless low <= value <= high (or < high when high_open)."""
+    ok = low <= value < high if high_open else low <= value <= high
+    if not ok:
+        bracket = ")" if high_open else "]"
+        raise UserError(f"{name} must be in [{low}, {high}{bracket}, got {value}.")

@@ -1,0 +1,95 @@
+"""The report: a table (terminal/markdown), the environment, and a quality-size-speed plot."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# (key, label, format, lower is better)
+ROWS = [
+    ("ppl", "perplexity", "{:.2f}", True),
+    ("cosine", "embedding cosine", "{:.4f}", False),
+    ("accuracy", "probe accuracy", "{:.4f}", False),
+    ("f1", "probe macro-F1", "{:.4f}", False),
+    ("size_bytes", "size on disk (MB)", "{:.1f}", True),
+    ("params", "parameters (M)", "{:.2f}", True),
+    ("nonzero_params", "non-zero params (M)", "{:.2f}", True),
+    ("latency_ms", "latency (ms, median)", "{:.1f}", True),
+    ("peak_rss_bytes", "peak RSS (MB)", "{:.0f}", True),
+    ("eval_wall_s", "evaluation wall (s)", "{:.1f}", True),
+]
+_SCALE = {"size_bytes": 1e-6, "params": 1e-6, "nonzero_params": 1e-6, "peak_rss_bytes": 1e-6}
+
+
+def environment() -> dict[str, Any]:
+    """Where the numbers were measured."""
+    import transformers
+
+    return {
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+    }
+
+
+def _fmt(key: str, fmt: str, metrics: dict[str, Any]) -> str:
+    value = metrics.get(key)
+    return "—" if value is None else fmt.format(value * _SCALE.get(key, 1.0))
+
+
+def metrics_table(columns: dict[str, dict[str, Any]]) -> str:
+    """A markdown table with one column per metrics dict, plus a ratio column when there are two."""
+    names = list(columns)
+    header = ["metric", *names] + (["ratio"] if len(names) == 2 else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key, label, fmt, _ in ROWS:
+        if all(key not in m for m in columns.values()):
+            continue
+        cells = [label] + [_fmt(key, fmt, columns[n]) for n in names]
+        if len(names) == 2:
+            a, b = (columns[n].get(key) for n in names)
+            cells.append(f"{b / a:.3f}×" if a and b is not None else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    first = next(iter(columns.values()))
+    if "latency_ms" in first:
+        lines.append(
+            f"\nlatency: batch {first['latency_batch']} × seq {first['latency_seq']}, "
+            f"{first['latency_threads']} threads, median of {first['latency_runs']} runs after warm-up"
+        )
+    return "\n".join(lines)
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """report.md: what was run and the before/after table."""
+    steps = "\n".join(
+        f"{i + 1}. `{s['method']}` — {s.get('wall_s', 0):.1f} s" for i, s in enumerate(report["steps"])
+    )
+    return (
+        f"# slimformer report: {report['model']}\n\n"
+        f"Evaluation data: `{report['eval_data']}`\n\n## Steps\n{steps}\n\n## Metrics\n"
+        f"{metrics_table({'baseline': report['baseline'], 'compressed': report['compressed']})}\n\n"
+        f"Total wall time: {report['wall_s']:.1f} s\n"
+    )
+
+
+def plot_report(report: dict[str, Any], path: Path) -> None:
+    """Bar charts of quality, size and latency, baseline vs compressed."""
+    from matplotlib.figure import Figure  # the Figure API touches no global pyplot state
+
+    base, comp = report["baseline"], report["compressed"]
+    quality = "ppl" if "ppl" in base else "cosine"
+    panels = [(quality, quality), ("size_bytes", "size (MB)"), ("latency_ms", "latency (ms)")]
+    panels = [(k, label) for k, label in panels if k in base and k in comp]
+    fig = Figure(figsize=(4 * len(panels), 3.5))
+    for i, (key, label) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        values = [base[key] * _SCALE.get(key, 1.0), comp[key] * _SCALE.get(key, 1.0)]
+        bars = ax.bar(["baseline", "compressed"], values, color=["#8da0cb", "#fc8d62"])
+        ax.bar_label(bars, fmt="%.3g")
+        ax.set_title(label)
+    fig.suptitle(f"{report['model']}: baseline vs compressed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

@@ -1,0 +1,192 @@
+"""The slimformer artifact: `model.safetensors` with encoded tensors + `manifest.json` + HF config.
+
+Encodings, chosen per tensor, whichever is smallest:
+- `dense`: stored as is.
+- `bitmask`: a packed keep-mask (1 bit per weight) + the kept values, for sparse float weights.
+- `packed`: integer codes of a QuantLinear stored `bits` bits each (two 4-bit codes per byte).
+Loading reads only safetensors and JSON: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from slimformer.errors import UserError
+from slimformer.quant.packing import pack_bitmask, pack_codes, unpack_bitmask, unpack_codes
+from slimformer.quant.qlinear import QuantLinear
+
+FORMAT = "slimformer"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+MANIFEST = "manifest.json"
+
+
+def save_artifact(
+    model: nn.Module, folder: Path, *, kind: str, tokenizer: Any = None, extra: dict[str, Any] | None = None
+) -> int:
+    """Write the model into `folder` (which must exist); return the bytes written for weights+manifest."""
+    folder = Path(folder)
+    tensors, encodings, tied = _encode_state(model)
+    save_file(tensors, str(folder / WEIGHTS), metadata={"format": FORMAT})
+    model.config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "architecture": type(model).__name__,
+        "modules": _quant_modules(model),
+        "tensors": encodings,
+        "tied": tied,
+        "sha256": {WEIGHTS: _sha256(folder / WEIGHTS)},
+        **(extra or {}),
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return sum((folder / f).stat().st_size for f in (WEIGHTS, MANIFEST, "config.json"))
+
+
+def _quant_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
+    return {
+        name: {
+            "class": "QuantLinear", "in_features": m.in_features, "out_features": m.out_features,
+            "n_groups": m.scale.shape[1], "bits": m.bits, "group_size": m.group_size,
+            "symmetric": m.symmetric, "bias": m.bias is not None,
+            # a last group smaller than group_size (e.g. 576 = 4 x 128 + 64) is recorded here
+            "last_group": m.in_features - (m.scale.shape[1] - 1) * m.group_size if m.group_size > 0 else None,
+        }
+        for name, m in model.named_modules()
+        if isinstance(m, QuantLinear)
+    }
+
+
+def _encode_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
+    quant = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    tensors: dict[str, torch.Tensor] = {}
+    encodings: dict[str, Any] = {}
+    tied: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, t in model.state_dict(keep_vars=False).items():
+        t = t.detach()
+        ptr = (t.data_ptr(), tuple(t.shape), t.stride()) if t.numel() else None
+        if ptr is not None and ptr in seen and seen[ptr] in encodings:
+            tied[key] = seen[ptr]  # tied weights (e.g. lm_head = embeddings) are stored once
+            continue
+        if ptr is not None:
+            seen[ptr] = key
+        owner, _, leaf = key.rpartition(".")
+        if owner in quant and leaf in ("codes", "zero"):
+            encodings[key] = _put_packed(tensors, key, t, quant[owner])
+        else:
+            encodings[key] = _put_float(tensors, key, t)
+    return tensors, encodings, tied
+
+
+def _code_offset(m: QuantLinear) -> int:
+    return 2 ** (m.bits - 1) if m.symmetric else 0
+
+
+def _put_packed(tensors: dict, key: str, t: torch.Tensor, m: QuantLinear) -> dict[str, Any]:
+    offset = _code_offset(m)
+    tensors[key] = pack_codes(t, m.bits, offset)
+    return {"encoding": "packed", "bits": m.bits, "offset": offset, "shape": list(t.shape), "dtype": "int16"}
+
+
+def _put_float(tensors: dict, key: str, t: torch.Tensor) -> dict[str, Any]:
+    t = t.contiguous()
+    meta = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+    if t.is_floating_point() and t.dim() >= 2:
+        mask = t != 0
+        nnz = int(mask.sum())
+        sparse_bytes = (t.numel() + 7) // 8 + nnz * t.element_size()
+        if sparse_bytes < t.numel() * t.element_size():
+            tensors[key + ".mask"] = pack_bitmask(mask)
+            tensors[key + ".values"] = t[mask]
+            return {"encoding": "bitmask", **meta}
+    tensors[key] = t
+    return {"encoding": "dense", **meta}
+
+
+def _decode(stored: dict[str, torch.Tensor], key: str, enc: dict[str, Any]) -> torch.Tensor:
+    shape = tuple(enc["shape"])
+    numel = 1
+    for s in shape:
+        numel *= s
+    if enc["encoding"] == "dense":
+        return stored[key]
+    if enc["encoding"] == "packed":
+        return unpack_codes(stored[key], enc["bits"], enc["offset"], numel, shape)
+    if enc["encoding"] == "bitmask":
+        mask = unpack_bitmask(stored[key + ".mask"], numel, shape)
+        values = stored[key + ".values"]
+        out = torch.zeros(shape, dtype=values.dtype)
+        out[mask] = values
+        return out
+    raise UserError(f"unknown tensor encoding '{enc['encoding']}' for '{key}'.")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """Parse and check the manifest of an artifact folder (format, version)."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"'{folder}/{MANIFEST}' is unreadable: {exc}") from None
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"'{folder}' is not a slimformer artifact (manifest format {manifest.get('format')!r}).")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserError(
+            f"'{folder}' was written in artifact format version {version}, newer than this slimformer "
+            f"reads (up to {FORMAT_VERSION}); upgrade slimformer."
+        )
+    return manifest
+
+
+def load_artifact(folder: Path) -> tuple[nn.Module, str]:
+    """Rebuild (model, kind) from an artifact folder, verifying its checksum; never unpickles."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    weights = folder / WEIGHTS
+    expected = manifest.get("sha256", {}).get(WEIGHTS)
+    if not weights.exists() or (expected and _sha256(weights) != expected):
+        raise UserError(f"'{weights}' is missing or corrupted (checksum mismatch): re-create the artifact.")
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    loader = AutoModelForCausalLM if manifest["kind"] == "decoder" else AutoModel
+    model = loader.from_config(config, dtype=torch.float32)
+    for name, spec in manifest["modules"].items():
+        model.set_submodule(
+            name,
+            QuantLinear(
+                spec["in_features"], spec["out_features"], spec["n_groups"], bits=spec["bits"],
+                group_size=spec["group_size"], symmetric=spec["symmetric"], bias=spec["bias"],
+            ),
+        )
+    stored = load_file(str(weights))
+    state = {key: _decode(stored, key, enc) for key, enc in manifest["tensors"].items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    untied = set(missing) - set(manifest["tied"])
+    if untied or unexpected:
+        raise UserError(f"'{folder}': artifact does not match its config (missing {sorted(untied)[:3]}, unexpected {unexpected[:3]}).")
+    for key, source in manifest["tied"].items():
+        if key in missing:  # re-tie if from_config did not already share the tensor
+            owner, _, leaf = key.rpartition(".")
+            src_owner, _, src_leaf = source.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, getattr(model.get_submodule(src_owner), src_leaf))
+    return model.eval(), manifest["kind"]

@@ -1,0 +1,1 @@
+"""Model loading (aliases, local folders, compressed artifacts) and architecture layout."""

@@ -1,0 +1,120 @@
+"""Recipes: an ordered list of compression steps, YAML <-> frozen method configs.
+
+```yaml
+steps:
+  - method: magnitude
+    sparsity: 0.2
+  - method: rtn
+    bits: 8
+    group_size: -1
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slimformer.config import build_config
+from slimformer.errors import UserError
+from slimformer.registry import get_method
+
+
+@dataclass(frozen=True)
+class Step:
+    """One recipe step: a registered method name and its validated config."""
+
+    method: str
+    config: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.config).items()}
+        return {"method": self.method, **values}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An ordered, validated list of steps."""
+
+    steps: tuple[Step, ...]
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "recipe") -> "Recipe":
+        """Build and validate a recipe from parsed YAML/JSON data."""
+        if not isinstance(data, dict) or set(data) - {"steps"} or "steps" not in data:
+            found = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise UserError(f"{where}: expected a mapping with one key 'steps' (a list of steps), found {found}.")
+        raw = data["steps"]
+        if not isinstance(raw, list) or not raw:
+            raise UserError(f"{where}: 'steps' must be a non-empty list of steps, found {raw!r}.")
+        steps = []
+        for i, entry in enumerate(raw):
+            at = f"{where}: step {i + 1}"
+            if not isinstance(entry, dict) or "method" not in entry:
+                raise UserError(f"{at}: expected a mapping with a 'method' key, found {entry!r}.")
+            values = dict(entry)
+            name = values.pop("method")
+            if not isinstance(name, str):
+                raise UserError(f"{at}: 'method' must be a string, found {name!r}.")
+            method = get_method(name)
+            steps.append(Step(name, build_config(method.config_cls, values, f"{at} ({name})")))
+        recipe = cls(tuple(steps))
+        recipe._check_order(where)
+        return recipe
+
+    def _check_order(self, where: str) -> None:
+        quantized_at = None
+        for i, step in enumerate(self.steps):
+            kind = get_method(step.method).kind
+            if kind == "quant":
+                if quantized_at is not None:
+                    raise UserError(
+                        f"{where}: step {i + 1} ({step.method}) quantizes weights already quantized by "
+                        f"step {quantized_at + 1}; use one quantization step."
+                    )
+                quantized_at = i
+            elif kind == "prune" and quantized_at is not None:
+                raise UserError(
+                    f"{where}: step {i + 1} ({step.method}) prunes after quantization (step "
+                    f"{quantized_at + 1}); put pruning steps before quantization."
+                )
+
+    @classmethod
+    def from_yaml(cls, text: str, where: str = "recipe") -> "Recipe":
+        """Parse YAML text into a validated recipe."""
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise UserError(f"{where}: not valid YAML: {exc}".replace("\n", " ")) from None
+        return cls.from_dict(data, where)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        """Read and validate a recipe file."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"recipe file '{path}' does not exist.")
+        return cls.from_yaml(path.read_text(encoding="utf-8"), where=str(path))
+
+    @classmethod
+    def coerce(cls, recipe: "Recipe | dict | str | Path") -> "Recipe":
+        """Accept a Recipe, a dict, a path to a YAML file, or YAML text."""
+        if isinstance(recipe, Recipe):
+            return recipe
+        if isinstance(recipe, dict):
+            return cls.from_dict(recipe)
+        if isinstance(recipe, Path) or (isinstance(recipe, str) and "\n" not in recipe and recipe.endswith((".yaml", ".yml"))):
+            return cls.load(recipe)
+        if isinstance(recipe, str):
+            return cls.from_yaml(recipe)
+        raise UserError(f"recipe must be a Recipe, a dict, YAML text or a .yaml path, got {type(recipe).__name__}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"steps": [s.to_dict() for s in self.steps]}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
