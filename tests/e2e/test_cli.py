@@ -1,0 +1,145 @@
+"""End to end through the CLI: compress, evaluate, load; and every bad input -> exit 2, no output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import slimformer
+from slimformer.cli import main
+
+RECIPE = """
+steps:
+  - method: magnitude
+    sparsity: 0.3
+    scope: global
+  - method: rtn
+    bits: 4
+    group_size: 32
+    ignore: ["re:.*down_proj"]
+"""
+
+
+def _recipe(tmp_path: Path, text: str = RECIPE) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_compress_smollm_end_to_end(tmp_path) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "slimformer", "compress", "smollm2-135m", "--recipe", str(_recipe(tmp_path)),
+           "--output", str(out), "--max-windows", "2", "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "perplexity" in done.stdout and "size on disk" in done.stdout
+    assert {"model.safetensors", "manifest.json", "config.json", "recipe.yaml", "report.json", "report.md",
+            "report.png"} <= {p.name for p in out.iterdir()}
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) >= {"model", "recipe", "baseline", "compressed", "steps", "environment"}
+    base, comp = report["baseline"], report["compressed"]
+    assert comp["size_bytes"] == sum((out / f).stat().st_size for f in ("model.safetensors", "manifest.json", "config.json"))
+    assert comp["size_bytes"] < 0.5 * base["size_bytes"]
+    assert comp["nonzero_params"] < 0.8 * base["nonzero_params"]
+    assert 1.0 < comp["ppl"] / base["ppl"] < 3.0
+    assert base["latency_ms"] > 0 and comp["peak_rss_bytes"] > 0
+    # the folder loads back and evaluates to the same perplexity
+    json_path = tmp_path / "eval.json"
+    assert main(["evaluate", str(out), "--max-windows", "2", "--no-latency", "--quiet", "--json", str(json_path)]) == 0
+    again = json.loads(json_path.read_text())["metrics"]
+    assert again["ppl"] == pytest.approx(comp["ppl"], rel=1e-5)
+    assert again["size_bytes"] == comp["size_bytes"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_compress_local_decoder_folders(tmp_path, tiny_dirs, family) -> None:
+    out = tmp_path / "out"
+    recipe = _recipe(tmp_path, "steps:\n  - method: rtn\n    bits: 8\n    group_size: -1\n    symmetric: true\n")
+    assert main(["compress", str(tiny_dirs[family]), "--recipe", str(recipe), "--output", str(out),
+                 "--max-windows", "2", "--no-latency", "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"][0]["layers"] == {"llama": 14, "gpt2": 8}[family]
+    assert report["compressed"]["ppl"] == pytest.approx(report["baseline"]["ppl"], rel=0.02)
+    model = slimformer.load(out)
+    assert sum(type(m).__name__ == "QuantLinear" for m in model.modules()) == report["steps"][0]["layers"]
+
+
+def test_compress_encoder_reports_cosine_and_probe(tmp_path, tiny_dirs) -> None:
+    data = tmp_path / "labelled.csv"
+    rows = [("good great fine", "pos"), ("bad awful poor", "neg")] * 30
+    data.write_text("text,label\n" + "\n".join(f"{t} {i},{y}" for i, (t, y) in enumerate(rows)))
+    out = tmp_path / "out"
+    recipe = _recipe(tmp_path, "steps:\n  - method: magnitude\n    sparsity: 0.1\n")
+    assert main(["compress", str(tiny_dirs["bert"]), "--recipe", str(recipe), "--output", str(out),
+                 "--eval", str(data), "--calib", str(data), "--no-latency", "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["baseline"]["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert 0.8 < report["compressed"]["cosine"] < 1.0
+    assert report["baseline"]["accuracy"] == pytest.approx(1.0)
+    assert {"precision", "recall", "f1"} <= set(report["compressed"])
+
+
+BAD_RECIPES = {
+    "malformed yaml": ("steps: [", "not valid YAML"),
+    "unknown method": ("steps:\n  - method: prune_all\n", "unknown method"),
+    "unknown key": ("steps:\n  - method: rtn\n    bitz: 4\n", "unknown key"),
+    "sparsity 1.0": ("steps:\n  - method: magnitude\n    sparsity: 1.0\n", "sparsity must be in"),
+    "bits 9": ("steps:\n  - method: rtn\n    bits: 9\n", "bits must be an integer from 2 to 8"),
+    "bits 1": ("steps:\n  - method: rtn\n    bits: 1\n", "bits must be an integer from 2 to 8"),
+    "no match": ("steps:\n  - method: rtn\n    targets: ['re:no_such_layer']\n", "matches no linear layer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECIPES))
+def test_bad_recipe_exit_2_no_output(tmp_path, tiny_dirs, capsys, case) -> None:
+    text, message = BAD_RECIPES[case]
+    out = tmp_path / "out"
+    before = sorted(p.name for p in tiny_dirs["llama"].iterdir())
+    code = main(["compress", str(tiny_dirs["llama"]), "--recipe", str(_recipe(tmp_path, text)),
+                 "--output", str(out), "--quiet", "--no-latency", "--max-windows", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert sorted(p.name for p in tiny_dirs["llama"].iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    "model, extra, message",
+    [
+        ("no/such/folder", [], "neither a built-in alias"),
+        ("gpt-17", [], "neither a built-in alias"),
+        ("LLAMA", ["--eval", "EMPTY"], "empty"),
+        ("LLAMA", ["--calib", "EMPTY"], "empty"),
+        ("LLAMA", ["--eval", "missing.txt"], "missing.txt"),
+    ],
+)
+def test_bad_inputs_exit_2(tmp_path, tiny_dirs, capsys, model, extra, message) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    model = str(tiny_dirs["llama"]) if model == "LLAMA" else model
+    extra = [str(empty) if x == "EMPTY" else str(tmp_path / x) if x.endswith(".txt") else x for x in extra]
+    out = tmp_path / "out"
+    code = main(["compress", model, "--recipe", str(_recipe(tmp_path)), "--output", str(out), "--quiet", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err.lower() and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_exit_code_2_from_the_real_command(tmp_path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "slimformer", "compress", "nowhere", "--recipe", str(_recipe(tmp_path)),
+         "--output", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and not (tmp_path / "o").exists()
+
+
+def test_input_model_untouched(smollm_bundle, tmp_path) -> None:
+    before = smollm_bundle.model.model.layers[0].mlp.up_proj.weight.clone()
+    slimformer.compress(smollm_bundle, "steps:\n  - method: magnitude\n    sparsity: 0.5\n",
+                        eval=slimformer.api.EvalSettings(max_windows=1, latency=False, progress=False))
+    assert torch.equal(smollm_bundle.model.model.layers[0].mlp.up_proj.weight, before)

@@ -1,0 +1,57 @@
+"""Recipe parsing and validation: every bad input is a UserError naming where it is."""
+
+from __future__ import annotations
+
+import pytest
+
+from slimformer.errors import UserError
+from slimformer.recipe import Recipe
+
+GOOD = """
+steps:
+  - method: magnitude
+    sparsity: 0.5
+    scope: global
+    targets: ["re:.*mlp.*"]
+  - method: rtn
+    bits: 4
+    group_size: 128
+"""
+
+
+def test_round_trip() -> None:
+    recipe = Recipe.from_yaml(GOOD)
+    assert [s.method for s in recipe.steps] == ["magnitude", "rtn"]
+    assert recipe.steps[0].config.sparsity == 0.5 and recipe.steps[0].config.targets == ("re:.*mlp.*",)
+    assert recipe.steps[1].config.symmetric is False  # default
+    assert Recipe.from_yaml(recipe.to_yaml()) == recipe
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("steps: [", "not valid YAML"),
+        ("- method: rtn", "expected a mapping with one key 'steps'"),
+        ("steps: []", "non-empty list"),
+        ("steps:\n  - bits: 4", "'method' key"),
+        ("steps:\n  - method: nope", "unknown method 'nope'"),
+        ("steps:\n  - method: rtn\n    bitz: 4", "unknown key"),
+        ("steps:\n  - method: rtn\n    bits: 1", "bits must be an integer from 2 to 8"),
+        ("steps:\n  - method: rtn\n    bits: 9", "bits must be an integer from 2 to 8"),
+        ("steps:\n  - method: rtn\n    bits: 4.5", "expected an integer"),
+        ("steps:\n  - method: rtn\n    group_size: -2", "group_size"),
+        ("steps:\n  - method: magnitude\n    sparsity: 1.0", r"sparsity must be in \[0.0, 1.0\)"),
+        ("steps:\n  - method: magnitude\n    sparsity: -0.1", "sparsity must be in"),
+        ("steps:\n  - method: magnitude", "exactly one of"),
+        ("steps:\n  - method: magnitude\n    sparsity: 0.1\n    scope: row", "expected one of"),
+        ("steps:\n  - method: rtn\n  - method: magnitude\n    sparsity: 0.1", "prunes after quantization"),
+    ],
+)
+def test_bad_recipes(text: str, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        Recipe.from_yaml(text)
+
+
+def test_missing_file(tmp_path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        Recipe.load(tmp_path / "none.yaml")
