@@ -28,7 +28,7 @@ from slimformer.registry import get_method
 
 def load(path: str | Path) -> nn.Module:
     """Load a model (compressed output folder, HF folder, or alias) in eval mode, without pickle."""
-    return load_bundle(path).model
+    return load_bundle(path, tokenizer=False).model
 
 
 def compress(

@@ -51,12 +51,15 @@ def resolve_folder(spec: str | Path) -> Path:
     return path
 
 
-def load_bundle(spec: str | Path) -> ModelBundle:
-    """Load an alias, a Hugging Face folder, or a slimformer artifact folder, in fp32 eval mode."""
+def load_bundle(spec: str | Path, *, tokenizer: bool = True) -> ModelBundle:
+    """Load an alias, a Hugging Face folder, or a slimformer artifact folder, in fp32 eval mode.
+
+    With tokenizer=False the folder needs no tokenizer files (the bundle's tokenizer is None).
+    """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve_folder(spec)
-    tokenizer = _tokenizer(AutoTokenizer, folder)
+    tokenizer = _tokenizer(AutoTokenizer, folder) if tokenizer else None
     if (folder / "manifest.json").exists():
         from slimformer.export.artifact import load_artifact
 

@@ -13,6 +13,7 @@ from slimformer.context import StepContext
 from slimformer.errors import UserError
 from slimformer.models.layout import select_linears
 from slimformer.quant.qlinear import QuantLinear
+from slimformer.quant.qscheme import check_scheme
 from slimformer.registry import register
 
 
@@ -26,15 +27,10 @@ class RTNConfig(TargetedConfig):
     symmetric: bool = False
 
     def __post_init__(self) -> None:
-        check_qscheme("rtn", self.bits, self.group_size)
-
-
-def check_qscheme(method: str, bits: int, group_size: int) -> None:
-    """UserError unless 2 <= bits <= 8 and group_size is -1, 0 or positive."""
-    if not 2 <= bits <= 8:
-        raise UserError(f"{method}: bits must be an integer from 2 to 8, got {bits}.")
-    if group_size < -1:
-        raise UserError(f"{method}: group_size must be -1 (per channel), 0 (per tensor) or a positive size, got {group_size}.")
+        try:
+            check_scheme(self.bits, self.group_size)
+        except UserError as exc:
+            raise UserError(f"rtn: {exc}") from None
 
 
 @register("rtn", RTNConfig, kind="quant")

