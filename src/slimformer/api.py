@@ -98,8 +98,8 @@ def _check_output(output: str | Path | None, overwrite: bool) -> Path | None:
     out = Path(output).expanduser()
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output '{out}' already exists and is not empty; choose another path or pass --overwrite.")
-    if not out.parent.exists():
-        raise UserError(f"output's parent folder '{out.parent}' does not exist.")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise UserError(f"output's parent '{out.parent}' is a file, not a folder.")
     return out
 
 
@@ -116,6 +116,7 @@ def _saved_bytes(bundle: ModelBundle, recipe: Recipe | None) -> int:
 
 
 def _write_output(out: Path, bundle: ModelBundle, recipe: Recipe, report: dict, started: float, overwrite: bool) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         report["compressed"]["size_bytes"] = save_artifact(
