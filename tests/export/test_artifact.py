@@ -57,13 +57,18 @@ def test_sparse_round_trip_uses_bitmask(tmp_path) -> None:
     assert torch.equal(_logits(loaded), _logits(model))
 
 
-def test_sparse_then_quantized_keeps_zeros(tmp_path) -> None:
+@pytest.mark.parametrize("group_size", [8, 0, -1])
+def test_sparse_then_quantized_keeps_zeros(tmp_path, group_size: int) -> None:
     model = _tiny()
     magnitude(model, MagnitudeConfig(sparsity=0.5))
-    rtn(model, RTNConfig(bits=4, group_size=8, symmetric=False))
+    rtn(model, RTNConfig(bits=4, group_size=group_size, symmetric=False))
     w = model.model.layers[0].mlp.gate_proj.dequantized_weight()
     assert int((w == 0).sum()) >= w.numel() // 2  # the zero point maps 0 to exactly 0
     save_artifact(model, tmp_path, kind="decoder")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    enc = manifest["tensors"]["model.layers.0.mlp.gate_proj.codes"]
+    # 1 mask bit + 4 bits for half the weights beats 4 bits for all
+    assert enc["encoding"] == "packed_bitmask" and enc["nnz"] <= w.numel() // 2
     assert torch.equal(_logits(load(tmp_path)), _logits(model))
 
 

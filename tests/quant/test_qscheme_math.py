@@ -7,14 +7,8 @@ import torch
 
 from slimformer.errors import UserError
 from slimformer.quant.qscheme import (
-    compute_qparams, dequantize, fake_quantize, n_groups, qrange, quantize, sqnr_db,
+    compute_qparams, dequantize, expand_groups, fake_quantize, n_groups, qrange, quantize, sqnr_db,
 )
-
-
-def _per_weight(t: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
-    if group_size <= 0:
-        return t.expand(-1, in_features)
-    return t.repeat_interleave(group_size, dim=1)[:, :in_features]
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -24,7 +18,7 @@ def test_round_trip_error_within_half_a_step(bits: int, symmetric: bool, group_s
     torch.manual_seed(bits)
     w = torch.randn(6, 576) * torch.logspace(-3, 1, 6).unsqueeze(1)  # rows of very different scale
     w_hat, q, qp = fake_quantize(w, bits, group_size, symmetric)
-    step = _per_weight(qp.scale.float(), 576, group_size)
+    step = expand_groups(qp.scale.float(), 576, group_size)
     assert bool(((w - w_hat).abs() <= step / 2 * (1 + 1e-5) + 1e-12).all())
     qmin, qmax = qrange(bits, symmetric)
     assert int(q.min()) >= qmin and int(q.max()) <= qmax

@@ -4,6 +4,7 @@ Encodings, chosen per tensor, whichever is smallest:
 - `dense`: stored as is.
 - `bitmask`: a packed keep-mask (1 bit per weight) + the kept values, for sparse float weights.
 - `packed`: integer codes of a QuantLinear stored `bits` bits each (two 4-bit codes per byte).
+- `packed_bitmask`: for pruned-then-quantized layers, a keep-mask + the kept codes, packed.
 Loading reads only safetensors and JSON: nothing is ever unpickled.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from torch import nn
 from slimformer.errors import UserError
 from slimformer.quant.packing import pack_bitmask, pack_codes, unpack_bitmask, unpack_codes
 from slimformer.quant.qlinear import QuantLinear
+from slimformer.quant.qscheme import expand_groups
 
 FORMAT = "slimformer"
 FORMAT_VERSION = 1
@@ -95,8 +98,18 @@ def _code_offset(m: QuantLinear) -> int:
 
 def _put_packed(tensors: dict, key: str, t: torch.Tensor, m: QuantLinear) -> dict[str, Any]:
     offset = _code_offset(m)
+    meta = {"bits": m.bits, "offset": offset, "shape": list(t.shape), "dtype": "int16"}
+    if key.endswith(".codes"):
+        # a pruned weight's code is its group's zero point: when enough are pruned, a bitmask plus
+        # the kept codes is smaller than every code
+        keep = t != expand_groups(m.zero, m.in_features, m.group_size)
+        nnz = int(keep.sum())
+        if (t.numel() + 7) // 8 + (nnz * m.bits + 7) // 8 < (t.numel() * m.bits + 7) // 8:
+            tensors[key + ".mask"] = pack_bitmask(keep)
+            tensors[key + ".values"] = pack_codes(t[keep], m.bits, offset)
+            return {"encoding": "packed_bitmask", "group_size": m.group_size, "nnz": nnz, **meta}
     tensors[key] = pack_codes(t, m.bits, offset)
-    return {"encoding": "packed", "bits": m.bits, "offset": offset, "shape": list(t.shape), "dtype": "int16"}
+    return {"encoding": "packed", **meta}
 
 
 def _put_float(tensors: dict, key: str, t: torch.Tensor) -> dict[str, Any]:
@@ -114,15 +127,20 @@ def _put_float(tensors: dict, key: str, t: torch.Tensor) -> dict[str, Any]:
     return {"encoding": "dense", **meta}
 
 
-def _decode(stored: dict[str, torch.Tensor], key: str, enc: dict[str, Any]) -> torch.Tensor:
+def _decode(stored: dict[str, torch.Tensor], key: str, encodings: dict[str, Any]) -> torch.Tensor:
+    enc = encodings[key]
     shape = tuple(enc["shape"])
-    numel = 1
-    for s in shape:
-        numel *= s
+    numel = math.prod(shape)
     if enc["encoding"] == "dense":
         return stored[key]
     if enc["encoding"] == "packed":
         return unpack_codes(stored[key], enc["bits"], enc["offset"], numel, shape)
+    if enc["encoding"] == "packed_bitmask":
+        zero_key = key.removesuffix(".codes") + ".zero"
+        codes = expand_groups(_decode(stored, zero_key, encodings), shape[1], enc["group_size"]).expand(shape).clone()
+        keep = unpack_bitmask(stored[key + ".mask"], numel, shape)
+        codes[keep] = unpack_codes(stored[key + ".values"], enc["bits"], enc["offset"], enc["nnz"], (enc["nnz"],))
+        return codes
     if enc["encoding"] == "bitmask":
         mask = unpack_bitmask(stored[key + ".mask"], numel, shape)
         values = stored[key + ".values"]
@@ -179,7 +197,7 @@ def load_artifact(folder: Path) -> tuple[nn.Module, str]:
             ),
         )
     stored = load_file(str(weights))
-    state = {key: _decode(stored, key, enc) for key, enc in manifest["tensors"].items()}
+    state = {key: _decode(stored, key, manifest["tensors"]) for key in manifest["tensors"]}
     missing, unexpected = model.load_state_dict(state, strict=False)
     untied = set(missing) - set(manifest["tied"])
     if untied or unexpected:

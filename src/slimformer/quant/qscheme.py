@@ -85,7 +85,7 @@ def compute_qparams(w: Tensor, bits: int, group_size: int, symmetric: bool) -> Q
     return QParams(scale, zero, bits, group_size, symmetric)
 
 
-def _expand(t: Tensor, in_features: int, group_size: int) -> Tensor:
+def expand_groups(t: Tensor, in_features: int, group_size: int) -> Tensor:
     """(out, n_groups) per-group values -> (out, in) per-weight values."""
     if group_size <= 0:
         return t.expand(-1, in_features)  # (out, 1) or (1, 1): broadcasts over the rows
@@ -96,16 +96,16 @@ def quantize(w: Tensor, qp: QParams) -> Tensor:
     """Integer codes (out, in) int16 (symmetric in [-2^(b-1), 2^(b-1)-1], asymmetric in [0, 2^b-1])."""
     qmin, qmax = qrange(qp.bits, qp.symmetric)
     in_f = w.shape[1]
-    scale = _expand(qp.scale.float(), in_f, qp.group_size)
-    zero = _expand(qp.zero.float(), in_f, qp.group_size)
+    scale = expand_groups(qp.scale.float(), in_f, qp.group_size)
+    zero = expand_groups(qp.zero.float(), in_f, qp.group_size)
     return torch.round(w.float() / scale + zero).clamp(qmin, qmax).to(torch.int16)
 
 
 def dequantize(q: Tensor, qp: QParams) -> Tensor:
     """fp32 weights (q - zero) * scale, (out, in)."""
     in_f = q.shape[1]
-    scale = _expand(qp.scale.float(), in_f, qp.group_size)
-    zero = _expand(qp.zero.float(), in_f, qp.group_size)
+    scale = expand_groups(qp.scale.float(), in_f, qp.group_size)
+    zero = expand_groups(qp.zero.float(), in_f, qp.group_size)
     return (q.float() - zero) * scale
 
 
