@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
+
+from tqdm.auto import tqdm
 
 
 @dataclass
@@ -14,3 +17,8 @@ class StepContext:
     kind: str = "decoder"  # "decoder" | "encoder"
     calib: Any = None  # slimformer.data.sources.TextData or None
     progress: bool = True
+
+
+def track(ctx: StepContext | None, items: Iterable, desc: str, total: int | None = None) -> Iterable:
+    """`items` with a progress bar when the step runs with progress on (no context: none)."""
+    return tqdm(items, desc=desc, total=total, disable=ctx is None or not ctx.progress, unit="layer", leave=False)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from slimformer.config import TargetedConfig, check_range
-from slimformer.context import StepContext
+from slimformer.context import StepContext, track
 from slimformer.errors import UserError
 from slimformer.models.layout import select_linears, weight_view
 from slimformer.prune.magnitude_math import global_masks, layer_masks, threshold_masks
@@ -46,9 +46,9 @@ def magnitude(model: nn.Module, config: MagnitudeConfig, ctx: StepContext | None
     elif config.scope == "global":
         masks = global_masks(scores, config.sparsity)
     else:
-        masks = {name: layer_masks(s, config.sparsity) for name, s in scores.items()}
+        masks = {name: layer_masks(s, config.sparsity) for name, s in track(ctx, scores.items(), "magnitude scores", len(scores))}
     per_layer = {}
-    for name, w in weights.items():
+    for name, w in track(ctx, weights.items(), "magnitude", len(weights)):
         w.mul_(masks[name])
         per_layer[name] = round(1.0 - masks[name].float().mean().item(), 6)
     total = sum(w.numel() for w in weights.values())

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from slimformer.config import TargetedConfig
-from slimformer.context import StepContext
+from slimformer.context import StepContext, track
 from slimformer.errors import UserError
 from slimformer.models.layout import select_linears
 from slimformer.quant.qlinear import QuantLinear
@@ -38,7 +38,7 @@ class RTNConfig(TargetedConfig):
 def rtn(model: nn.Module, config: RTNConfig, ctx: StepContext | None = None) -> dict[str, Any]:
     """Replace each target layer by a QuantLinear holding its round-to-nearest codes."""
     layers = select_linears(model, config.targets, config.ignore)
-    for name, module in layers.items():
+    for name, module in track(ctx, layers.items(), "rtn", len(layers)):
         model.set_submodule(
             name,
             QuantLinear.from_float(module, bits=config.bits, group_size=config.group_size, symmetric=config.symmetric),
