@@ -3,12 +3,17 @@
 Scales and zero points come from each group's min/max. Groups run along the input dimension:
 group_size -1 = one group per output channel (row), 0 = one group for the whole tensor, N > 0 =
 groups of N inputs with a smaller last group when N does not divide the width (576 = 4 x 128 + 64).
-Scales are rounded to fp16 *before* the codes are computed, so storing them in fp16 loses nothing.
+Scales are rounded *up* to fp16 before the codes are computed, so storing them in fp16 loses
+nothing and every weight stays within half a step of its dequantized value.
+
+Dtypes: scale fp16 (out, n_groups), or (1, 1) per tensor; zero int16, same shape; codes int16
+(symmetric in [-2^(b-1), 2^(b-1)-1], asymmetric in [0, 2^b-1], so 8-bit asymmetric fits).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +21,7 @@ from torch import Tensor
 
 from slimformer.errors import UserError
 
-_FP16_TINY = 2.0**-14  # smallest normal fp16: keeps scales from underflowing to 0
+_FP16_MAX = 65504.0
 
 
 @dataclass(frozen=True)
@@ -30,12 +35,18 @@ class QParams:
     symmetric: bool
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def check_scheme(bits: int, group_size: int) -> None:
     """UserError unless bits is an integer in 2..8 and group_size is -1, 0 or positive."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+    if not _is_int(bits) or not 2 <= int(bits) <= 8:
         raise UserError(f"bits must be an integer from 2 to 8, got {bits!r}.")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < -1:
-        raise UserError(f"group_size must be -1 (per channel), 0 (per tensor) or a positive size, got {group_size!r}.")
+    if not _is_int(group_size) or int(group_size) < -1:
+        raise UserError(
+            f"group_size must be -1 (per output channel), 0 (per tensor) or a positive group size, got {group_size!r}."
+        )
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -43,81 +54,106 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
 
 
-def n_groups(in_features: int, group_size: int) -> int:
-    """Groups per row: 1 for per-channel (-1) and per-tensor (0), ceil(in / N) otherwise."""
+def group_bounds(in_features: int, group_size: int) -> int:
+    """Groups per row: 1 for per-channel (-1) and per-tensor (0), ceil(in / N) otherwise.
+
+    With N > 0 every group has N columns except the last, which has in - (n_groups - 1) * N.
+    """
     return 1 if group_size <= 0 else math.ceil(in_features / group_size)
 
 
+n_groups = group_bounds  # short alias
+
+
 def _grouped(w: Tensor, group_size: int, pad: float) -> Tensor:
-    """(out, in) -> (out, n_groups, G), padding the last group with `pad`."""
+    """(out, in) -> (out, n_groups, G); the last group is padded with `pad` when G does not divide in."""
     out_f, in_f = w.shape
-    if group_size <= 0:
-        return w.unsqueeze(1)
-    g = n_groups(in_f, group_size)
-    padded = torch.full((out_f, g * group_size), pad, dtype=w.dtype)
+    g = group_bounds(in_f, group_size)
+    if g * group_size == in_f:
+        return w.reshape(out_f, g, group_size)  # a view when w is contiguous
+    padded = torch.full((out_f, g * group_size), pad, dtype=w.dtype, device=w.device)
     padded[:, :in_f] = w
     return padded.view(out_f, g, group_size)
 
 
+def _ceil_fp16(scale: Tensor) -> Tensor:
+    """Smallest fp16 >= scale (fp32 in); 0 (all-zero group) becomes 1 so nothing divides by 0."""
+    s16 = scale.half()  # round to nearest; may underflow to 0 or round down
+    up = torch.nextafter(s16, torch.full_like(s16, math.inf))
+    s16 = torch.where(s16.float() < scale, up, s16)  # round up instead: the range stays covered
+    return torch.where(scale == 0, torch.ones_like(s16), s16)
+
+
 def compute_qparams(w: Tensor, bits: int, group_size: int, symmetric: bool) -> QParams:
-    """Min/max scales and zero points for a (out, in) weight."""
+    """Min/max scales (fp16) and zero points (int16) for a (out, in) weight."""
     check_scheme(bits, group_size)
+    if w.dim() != 2:
+        raise UserError(f"quantization expects a 2-D (out, in) weight, got shape {tuple(w.shape)}.")
     w = w.detach().float()
+    if not bool(torch.isfinite(w).all()):
+        raise UserError("the weight contains NaN or Inf values and cannot be quantized; check the model checkpoint.")
     qmin, qmax = qrange(bits, symmetric)
-    if group_size == 0:  # per tensor: one group over everything
-        lo = w.min().clamp(max=0).reshape(1, 1)
-        hi = w.max().clamp(min=0).reshape(1, 1)
-    else:  # (out, n_groups); padding with +inf/-inf leaves min/max untouched
-        lo = _grouped(w, group_size, math.inf).amin(dim=-1).clamp(max=0)
-        hi = _grouped(w, group_size, -math.inf).amax(dim=-1).clamp(min=0)
-    if symmetric:
-        scale = torch.maximum(hi, -lo) / qmax
-    else:
-        scale = (hi - lo) / (qmax - qmin)
-    # Round the scale UP to fp16 (fp16 rounding is within 2^-11 relative): a scale rounded down
-    # would no longer cover [lo, hi] and clamping would then exceed the scale/2 error bound.
-    # All-zero groups get a harmless tiny scale instead of 0.
-    scale = (scale * (1 + 2**-10)).clamp(min=_FP16_TINY, max=65504.0).half()
+    if group_size == 0:  # per tensor: one group over everything, (1, 1)
+        lo, hi = w.amin().reshape(1, 1), w.amax().reshape(1, 1)
+    elif group_size == -1:  # per output channel: (out, 1)
+        lo, hi = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+    else:  # (out, n_groups); +inf/-inf padding leaves min/max of the short last group untouched
+        lo = _grouped(w, group_size, math.inf).amin(dim=-1)
+        hi = _grouped(w, group_size, -math.inf).amax(dim=-1)
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # the range always includes 0: zeros stay exact
+    scale = torch.maximum(hi, -lo) / qmax if symmetric else (hi - lo) / (qmax - qmin)
+    if bool((scale > _FP16_MAX).any()):
+        raise UserError(
+            f"weights up to {float(torch.maximum(hi, -lo).max()):.3g} need a scale above the fp16 maximum "
+            f"({_FP16_MAX}) at {bits} bits; use more bits or rescale the model."
+        )
+    scale = _ceil_fp16(scale)
     if symmetric:
         zero = torch.zeros_like(scale, dtype=torch.int16)
     else:
         zero = torch.round(qmin - lo / scale.float()).clamp(qmin, qmax).to(torch.int16)
-    return QParams(scale, zero, bits, group_size, symmetric)
+    return QParams(scale, zero, int(bits), int(group_size), bool(symmetric))
 
 
 def expand_groups(t: Tensor, in_features: int, group_size: int) -> Tensor:
-    """(out, n_groups) per-group values -> (out, in) per-weight values."""
+    """(out, n_groups) per-group values -> (out, in) per-weight values (last group may be shorter).
+
+    Per tensor ((1, 1)) and per channel ((out, 1)) return a broadcasting view, not a copy.
+    """
     if group_size <= 0:
-        return t.expand(-1, in_features)  # (out, 1) or (1, 1): broadcasts over the rows
+        return t.expand(-1, in_features)
     return t.repeat_interleave(group_size, dim=1)[:, :in_features]
 
 
 def quantize(w: Tensor, qp: QParams) -> Tensor:
-    """Integer codes (out, in) int16 (symmetric in [-2^(b-1), 2^(b-1)-1], asymmetric in [0, 2^b-1])."""
+    """Integer codes (out, in) int16: round(w / s + z) clamped to the code range."""
     qmin, qmax = qrange(qp.bits, qp.symmetric)
     in_f = w.shape[1]
-    scale = expand_groups(qp.scale.float(), in_f, qp.group_size)
+    scale = expand_groups(qp.scale.float(), in_f, qp.group_size)  # (out|1, in)
     zero = expand_groups(qp.zero.float(), in_f, qp.group_size)
-    return torch.round(w.float() / scale + zero).clamp(qmin, qmax).to(torch.int16)
+    return torch.round(w.detach().float() / scale + zero).clamp(qmin, qmax).to(torch.int16)
 
 
 def dequantize(q: Tensor, qp: QParams) -> Tensor:
-    """fp32 weights (q - zero) * scale, (out, in)."""
+    """fp32 weights (out, in): (q - zero) * scale, with the fp16 scale cast to fp32."""
     in_f = q.shape[1]
-    scale = expand_groups(qp.scale.float(), in_f, qp.group_size)
+    scale = expand_groups(qp.scale.float(), in_f, qp.group_size)  # (out|1, in)
     zero = expand_groups(qp.zero.float(), in_f, qp.group_size)
     return (q.float() - zero) * scale
 
 
 def fake_quantize(w: Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[Tensor, Tensor, QParams]:
-    """(dequantized weight, codes, qparams) in one call."""
+    """(dequantized fp32 weight, int16 codes, qparams) in one call."""
     qp = compute_qparams(w, bits, group_size, symmetric)
     q = quantize(w, qp)
     return dequantize(q, qp), q, qp
 
 
 def sqnr_db(ref: Tensor, approx: Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB: 10 log10(|ref|^2 / |ref - approx|^2)."""
-    noise = (ref.float() - approx.float()).pow(2).sum().item()
-    signal = ref.float().pow(2).sum().item()
-    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+    """Signal-to-quantization-noise ratio in dB: 10 log10(|ref|^2 / |ref - approx|^2); inf if exact."""
+    ref = ref.detach().double()
+    noise = (ref - approx.detach().double()).pow(2).sum().item()
+    signal = ref.pow(2).sum().item()
+    if noise == 0:
+        return math.inf
+    return -math.inf if signal == 0 else 10 * math.log10(signal / noise)
