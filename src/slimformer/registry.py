@@ -14,7 +14,7 @@ from typing import Any
 from slimformer.errors import UserError
 
 # Modules whose import registers the built-in methods. Listed by hand on purpose.
-_BUILTIN_MODULES = ("slimformer.prune.magnitude", "slimformer.quant.rtn")
+_BUILTIN_MODULES = ("slimformer.prune.magnitude", "slimformer.quant.rtn", "slimformer.quant.gptq")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,132 @@
+"""The layer-wise calibration engine shared by every data-driven method (GPTQ, SparseGPT, Wanda,
+AWQ, SmoothQuant, static observers).
+
+It captures the inputs of the first Transformer block on the calibration windows, then for each
+block in turn: lets the method observe the block (hooks on its layers while the block runs on its
+inputs), lets the method change the block, and runs the *changed* block to produce the next
+block's inputs. Only one block's activations are held at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimformer.context import StepContext, track
+from slimformer.models.layout import find_blocks
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop the forward pass after block 0's inputs are taken."""
+
+
+@dataclass
+class BlockInputs:
+    """Positional and keyword inputs of one block, one entry per calibration batch."""
+
+    calls: list[tuple[tuple, dict[str, Any]]]
+
+    def run(self, block: nn.Module) -> list[torch.Tensor]:
+        """Hidden-state outputs of `block` for every batch."""
+        with torch.inference_mode():
+            return [_hidden(block(*args, **kwargs)) for args, kwargs in self.calls]
+
+    def replace_hidden(self, hidden: list[torch.Tensor]) -> "BlockInputs":
+        """The same calls with new hidden states (the previous block's outputs)."""
+        calls = []
+        for (args, kwargs), h in zip(self.calls, hidden):
+            if args:
+                calls.append(((h, *args[1:]), kwargs))
+            else:
+                calls.append(((), {**kwargs, "hidden_states": h}))
+        return BlockInputs(calls)
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def capture_first_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> BlockInputs:
+    """Run the model's embedding stage on `windows` (n, T) and record block 0's call arguments."""
+    _, blocks = find_blocks(model)
+    calls: list[tuple[tuple, dict[str, Any]]] = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        calls.append((args, dict(kwargs)))
+        raise _Captured
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for start in range(0, windows.shape[0], batch_size):
+                batch = windows[start : start + batch_size]
+                try:
+                    model(input_ids=batch, attention_mask=torch.ones_like(batch), **_no_cache(model))
+                except _Captured:
+                    pass
+    finally:
+        handle.remove()
+    return BlockInputs(calls)
+
+
+def _no_cache(model: nn.Module) -> dict[str, Any]:
+    return {"use_cache": False} if hasattr(model, "generate") else {}
+
+
+BlockFn = Callable[[int, nn.Module, BlockInputs], dict[str, Any] | None]
+
+
+def run_layerwise(
+    model: nn.Module, windows: torch.Tensor, process_block: BlockFn, ctx: StepContext | None = None,
+    batch_size: int = 8, start_block: int = 0, inputs: BlockInputs | None = None,
+    after_block: Callable[[int, BlockInputs], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Call `process_block(index, block, inputs)` for each block, feeding compressed outputs forward.
+
+    `process_block` observes (e.g. with `observe_linears`) and modifies the block in place.
+    `after_block(index, next_inputs)` runs once a block is done (used to checkpoint for --resume).
+    """
+    _, blocks = find_blocks(model)
+    if inputs is None:
+        inputs = capture_first_block_inputs(model, windows, batch_size)
+    infos = []
+    for index in track(ctx, range(start_block, len(blocks)), "blocks", len(blocks) - start_block):
+        block = blocks[index]
+        infos.append(process_block(index, block, inputs) or {})
+        inputs = inputs.replace_hidden(inputs.run(block))
+        if after_block is not None:
+            after_block(index, inputs)
+    return infos
+
+
+def observe_linears(
+    block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs, on_input: Callable[[str, torch.Tensor], None]
+) -> None:
+    """Run `block` on `inputs`, calling `on_input(name, x)` with each target layer's input (tokens, in)."""
+    handles = []
+    for name, layer in layers.items():
+        def hook(_m: nn.Module, args: tuple, _name: str = name) -> None:
+            x = args[0]
+            on_input(_name, x.reshape(-1, x.shape[-1]).float())
+        handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        inputs.run(block)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def block_targets(model: nn.Module, block: nn.Module, selected: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The selected layers that live inside `block`, by full name."""
+    inside = {id(m) for m in block.modules()}
+    return {name: m for name, m in selected.items() if id(m) in inside}
+
+
+def iter_batches(windows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """Row batches of a (n, T) tensor."""
+    for start in range(0, windows.shape[0], batch_size):
+        yield windows[start : start + batch_size]

@@ -1,0 +1,101 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight column by column, spreading each column's
+rounding error over the not-yet-quantized columns through the inverse Hessian of the layer's
+inputs, H = 2/n sum x x^T. Pure tensor functions; the model walking lives in `gptq.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from slimformer.quant.qscheme import QParams, check_scheme, compute_qparams, n_groups, qrange
+
+
+def accumulate_hessian(
+    h: Tensor | None, x: Tensor, count: int, weights: Tensor | None = None
+) -> tuple[Tensor, int]:
+    """Running mean of 2 x^T x over token rows x (tokens, in), each row optionally weighted
+    (weights: (tokens,)); returns (H fp32, tokens seen)."""
+    x = x.float()
+    if weights is not None:
+        x = x * weights.sqrt().unsqueeze(1)
+    new = x.shape[0]
+    total = count + new
+    update = (2.0 / total) * (x.t() @ x)
+    h = update if h is None else h * (count / total) + update
+    return h, total
+
+
+def inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1, retrying with more damping."""
+    h = h.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    mean_diag = torch.diag(h).mean()
+    for factor in (1.0, 10.0, 100.0):
+        try:
+            chol = torch.linalg.cholesky(h + damp * factor * mean_diag * eye)
+            # H^-1 = L^-T L^-1 via a triangular solve (much faster here than cholesky_inverse)
+            chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+            return torch.linalg.cholesky(chol_inv.t() @ chol_inv, upper=True).float()
+        except torch.linalg.LinAlgError:
+            continue
+    raise torch.linalg.LinAlgError("Hessian is not positive definite even with 100x damping")
+
+
+def gptq_quantize(
+    w: Tensor, h: Tensor, bits: int, group_size: int, symmetric: bool, *, damp: float = 0.01,
+    block_size: int = 128, act_order: bool = False,
+) -> tuple[Tensor, QParams]:
+    """Quantize w (out, in) against Hessian h (in, in); return (int16 codes (out, in), qparams).
+
+    Groups are contiguous along the input dimension (a smaller last group when group_size does
+    not divide it). Without act_order, each group's scale is set from the error-updated weights
+    when GPTQ reaches it; with act_order, columns go in decreasing Hessian-diagonal order and
+    group scales come from the original weights, so groups stay contiguous on disk.
+    """
+    check_scheme(bits, group_size)
+    out_f, in_f = w.shape
+    w = w.detach().float().clone()
+    dead = torch.diag(h) == 0
+    w[:, dead] = 0.0
+    qmin, qmax = qrange(bits, symmetric)
+    ng = n_groups(in_f, group_size)
+    static = group_size <= 0 or act_order
+    qp = compute_qparams(w.float(), bits, group_size, symmetric)  # static params (used unless refreshed)
+    scale = qp.scale.float().expand(out_f, ng).clone()
+    zero = qp.zero.float().expand(out_f, ng).clone()
+
+    if group_size > 0:  # whole groups per block, so a group's columns are all updated when it starts
+        block_size = group_size * max(1, block_size // group_size)
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f)
+    hinv = inverse_hessian_factor(h[perm][:, perm], damp)
+    group_of = (perm // group_size) if group_size > 0 else torch.zeros(in_f, dtype=torch.long)
+    # Work on W^T (in, out) so that each column of W is a contiguous row.
+    wt = w[:, perm].t().contiguous()
+    scale_t, zero_t = scale.t().contiguous(), zero.t().contiguous()  # (n_groups, out)
+    codes_t = torch.zeros(in_f, out_f)
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        w1 = wt[i1:i2].clone()  # (b, out)
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for j in range(i2 - i1):  # columns are sequential by construction; each step is an (out,) vector op
+            col = i1 + j
+            g = int(group_of[col])
+            if not static and col % group_size == 0:  # a group starts: scale it from the updated weights
+                fresh = compute_qparams(w1[j : j + group_size].t(), bits, -1, symmetric)
+                scale_t[g], zero_t[g] = fresh.scale.float()[:, 0], fresh.zero.float()[:, 0]
+            q = torch.clamp(torch.round(w1[j] / scale_t[g] + zero_t[g]), qmin, qmax)
+            codes_t[col] = q
+            err = (w1[j] - (q - zero_t[g]) * scale_t[g]) / hinv1[j, j]
+            w1[j:] -= hinv1[j, j:].unsqueeze(1) * err.unsqueeze(0)
+            err1[j] = err
+        wt[i2:] -= hinv[i1:i2, i2:].t() @ err1
+    codes = codes_t.t()
+    scale, zero = scale_t.t(), zero_t.t()
+    codes = codes[:, torch.argsort(perm)].to(torch.int16)
+    if group_size == 0:
+        scale, zero = scale[:1], zero[:1]
+    return codes, QParams(scale.half(), zero.to(torch.int16), bits, group_size, symmetric)
