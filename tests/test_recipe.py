@@ -55,3 +55,12 @@ def test_bad_recipes(text: str, message: str) -> None:
 def test_missing_file(tmp_path) -> None:
     with pytest.raises(UserError, match="does not exist"):
         Recipe.load(tmp_path / "none.yaml")
+
+
+def test_shipped_recipes_are_valid() -> None:
+    from pathlib import Path
+
+    shipped = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+    assert len(shipped) >= 3
+    for path in shipped:
+        assert Recipe.load(path).steps, path
