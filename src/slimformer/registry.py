@@ -14,7 +14,12 @@ from typing import Any
 from slimformer.errors import UserError
 
 # Modules whose import registers the built-in methods. Listed by hand on purpose.
-_BUILTIN_MODULES = ("slimformer.prune.magnitude", "slimformer.quant.rtn", "slimformer.quant.gptq")
+_BUILTIN_MODULES = (
+    "slimformer.prune.magnitude",
+    "slimformer.quant.rtn",
+    "slimformer.quant.gptq",
+    "slimformer.quant.dynamic",
+)
 
 
 @dataclass(frozen=True)

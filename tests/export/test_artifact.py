@@ -82,3 +82,14 @@ def test_smollm_save_load_same_logits(tmp_path, smollm) -> None:
     ids = torch.arange(1000, 1064).unsqueeze(0)
     with torch.inference_mode():
         assert torch.equal(loaded(input_ids=ids).logits, smollm.model(input_ids=ids).logits)
+
+
+def test_dynamic_int8_round_trip(tmp_path) -> None:
+    from slimformer.quant.dynamic import DynamicConfig, dynamic
+
+    model = _tiny()
+    dynamic(model, DynamicConfig())
+    save_artifact(model, tmp_path, kind="decoder")
+    loaded = load(tmp_path)
+    assert loaded.model.layers[0].mlp.up_proj.dynamic
+    assert torch.equal(_logits(loaded), _logits(model))

@@ -61,7 +61,7 @@ def _quant_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
         name: {
             "class": "QuantLinear", "in_features": m.in_features, "out_features": m.out_features,
             "n_groups": m.scale.shape[1], "bits": m.bits, "group_size": m.group_size,
-            "symmetric": m.symmetric, "bias": m.bias is not None,
+            "symmetric": m.symmetric, "bias": m.bias is not None, "dynamic": m.dynamic,
             # a last group smaller than group_size (e.g. 576 = 4 x 128 + 64) is recorded here
             "last_group": m.in_features - (m.scale.shape[1] - 1) * m.group_size if m.group_size > 0 else None,
         }
@@ -194,6 +194,7 @@ def load_artifact(folder: Path) -> tuple[nn.Module, str]:
             QuantLinear(
                 spec["in_features"], spec["out_features"], spec["n_groups"], bits=spec["bits"],
                 group_size=spec["group_size"], symmetric=spec["symmetric"], bias=spec["bias"],
+                dynamic=spec.get("dynamic", False),
             ),
         )
     stored = load_file(str(weights))

@@ -1,7 +1,10 @@
 """`QuantLinear`: a linear layer whose weight is held as integer codes + per-group scales/zeros.
 
-The forward pass dequantizes (simulated quantization on CPU: real low-bit kernels come through
-export). Holding the codes, not float weights, is what lets the artifact store them packed.
+By default the forward pass dequantizes (weight-only quantization, simulated in float; real
+low-bit kernels come through export). With `dynamic=True` (8-bit symmetric per-channel weights)
+activations are quantized per token at run time and the product runs in real integer arithmetic
+(`torch._int_mm`, int8 x int8 -> int32). Holding the codes, not float weights, is what lets the
+artifact store them packed.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ class QuantLinear(nn.Module):
 
     def __init__(
         self, in_features: int, out_features: int, n_groups: int, *, bits: int, group_size: int,
-        symmetric: bool, bias: bool,
+        symmetric: bool, bias: bool, dynamic: bool = False,
     ) -> None:
         super().__init__()
+        if dynamic and not (bits == 8 and symmetric and group_size == -1):
+            raise ValueError("dynamic int8 execution needs 8-bit symmetric per-channel weights")
         self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.bits, self.group_size, self.symmetric, self.dynamic = bits, group_size, symmetric, dynamic
+        self._int8_t: torch.Tensor | None = None  # (in, out) int8 copy of the codes for _int_mm
         self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.int16))
         self.register_buffer("scale", torch.ones(out_features, n_groups, dtype=torch.float16))
         self.register_buffer("zero", torch.zeros(out_features, n_groups, dtype=torch.int16))
@@ -34,20 +40,23 @@ class QuantLinear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_float(
-        cls, module: nn.Module, *, bits: int, group_size: int, symmetric: bool, weight: torch.Tensor | None = None
+        cls, module: nn.Module, *, bits: int, group_size: int, symmetric: bool, weight: torch.Tensor | None = None,
+        dynamic: bool = False,
     ) -> "QuantLinear":
         """Quantize a Linear/Conv1D (or an explicit (out, in) `weight`, e.g. from GPTQ) round-to-nearest."""
         w = weight_view(module) if weight is None else weight
         qp = compute_qparams(w.float(), bits, group_size, symmetric)
-        return cls.from_codes(quantize(w.float(), qp), qp, getattr(module, "bias", None))
+        return cls.from_codes(quantize(w.float(), qp), qp, getattr(module, "bias", None), dynamic=dynamic)
 
     @classmethod
-    def from_codes(cls, codes: torch.Tensor, qp: QParams, bias: torch.Tensor | None) -> "QuantLinear":
+    def from_codes(
+        cls, codes: torch.Tensor, qp: QParams, bias: torch.Tensor | None, *, dynamic: bool = False
+    ) -> "QuantLinear":
         """Wrap already-computed integer codes and their scales/zeros."""
         out_features, in_features = codes.shape
         layer = cls(
             in_features, out_features, qp.scale.shape[1], bits=qp.bits, group_size=qp.group_size,
-            symmetric=qp.symmetric, bias=bias is not None,
+            symmetric=qp.symmetric, bias=bias is not None, dynamic=dynamic,
         )
         layer.codes.copy_(codes.to(torch.int16))
         layer.scale.copy_(qp.scale.to(torch.float16))
@@ -68,10 +77,25 @@ class QuantLinear(nn.Module):
         return self.dequantized_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic:
+            return self._int8_forward(x)
         return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+
+    def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = (round(x / s_x) @ codes^T) * s_x * s_w + b with per-token symmetric s_x."""
+        if self._int8_t is None or self._int8_t.shape != (self.in_features, self.out_features):
+            self._int8_t = self.codes.t().to(torch.int8).contiguous()
+        x2 = x.reshape(-1, self.in_features).float()  # (tokens, in)
+        s_x = x2.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0  # (tokens, 1)
+        xq = torch.round(x2 / s_x).clamp_(-127, 127).to(torch.int8)
+        acc = torch._int_mm(xq, self._int8_t)  # (tokens, out) int32, exact
+        y = acc.float() * s_x * self.scale.float().view(1, -1)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-            f"group_size={self.group_size}, symmetric={self.symmetric}"
+            f"group_size={self.group_size}, symmetric={self.symmetric}, dynamic={self.dynamic}"
         )
