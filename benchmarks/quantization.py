@@ -1,4 +1,5 @@
-"""Quantizers side by side on smollm2-135m (DESIGN protocol): perplexity, size, compression time.
+"""Quantizers side by side on smollm2-135m (DESIGN protocol): perplexity, size, compression time,
+prefill latency.
 
     python benchmarks/quantization.py --json out/quantization.json [--max-windows 16]
 
@@ -35,6 +36,7 @@ VARIANTS = {
     "dynamic int8 (W8A8, _int_mm)": "steps: [{method: dynamic}]",
     "rtn w4 g128": "steps: [{method: rtn, bits: 4, group_size: 128}]",
     "gptq w4 g128": "steps: [{method: gptq, bits: 4, group_size: 128}]",
+    "awq w4 g128": "steps: [{method: awq, bits: 4, group_size: 128}]",
     "rtn w3 g128": "steps: [{method: rtn, bits: 3, group_size: 128}]",
     "gptq w3 g128": "steps: [{method: gptq, bits: 3, group_size: 128}]",
 }

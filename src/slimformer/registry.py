@@ -19,6 +19,7 @@ _BUILTIN_MODULES = (
     "slimformer.quant.rtn",
     "slimformer.quant.gptq",
     "slimformer.quant.dynamic",
+    "slimformer.quant.awq",
 )
 
 

@@ -62,6 +62,7 @@ def _quant_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
             "class": "QuantLinear", "in_features": m.in_features, "out_features": m.out_features,
             "n_groups": m.scale.shape[1], "bits": m.bits, "group_size": m.group_size,
             "symmetric": m.symmetric, "bias": m.bias is not None, "dynamic": m.dynamic,
+            "input_scaled": m.input_scale is not None,
             # a last group smaller than group_size (e.g. 576 = 4 x 128 + 64) is recorded here
             "last_group": m.in_features - (m.scale.shape[1] - 1) * m.group_size if m.group_size > 0 else None,
         }
@@ -194,7 +195,7 @@ def load_artifact(folder: Path) -> tuple[nn.Module, str]:
             QuantLinear(
                 spec["in_features"], spec["out_features"], spec["n_groups"], bits=spec["bits"],
                 group_size=spec["group_size"], symmetric=spec["symmetric"], bias=spec["bias"],
-                dynamic=spec.get("dynamic", False),
+                dynamic=spec.get("dynamic", False), input_scaled=spec.get("input_scaled", False),
             ),
         )
     stored = load_file(str(weights))

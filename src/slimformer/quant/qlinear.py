@@ -24,11 +24,11 @@ class QuantLinear(nn.Module):
 
     def __init__(
         self, in_features: int, out_features: int, n_groups: int, *, bits: int, group_size: int,
-        symmetric: bool, bias: bool, dynamic: bool = False,
+        symmetric: bool, bias: bool, dynamic: bool = False, input_scaled: bool = False,
     ) -> None:
         super().__init__()
-        if dynamic and not (bits == 8 and symmetric and group_size == -1):
-            raise ValueError("dynamic int8 execution needs 8-bit symmetric per-channel weights")
+        if dynamic and (input_scaled or not (bits == 8 and symmetric and group_size == -1)):
+            raise ValueError("dynamic int8 execution needs 8-bit symmetric per-channel weights, unscaled inputs")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric, self.dynamic = bits, group_size, symmetric, dynamic
         self._int8_t: torch.Tensor | None = None  # (in, out) int8 copy of the codes for _int_mm
@@ -36,6 +36,12 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", torch.ones(out_features, n_groups, dtype=torch.float16))
         self.register_buffer("zero", torch.zeros(out_features, n_groups, dtype=torch.int16))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        # AWQ: codes quantize W * s (per input channel), so the layer computes x (dequant / s)^T
+        self.input_scale: torch.Tensor | None
+        if input_scaled:
+            self.register_buffer("input_scale", torch.ones(in_features))
+        else:
+            self.input_scale = None
 
     @classmethod
     @torch.no_grad()
@@ -50,13 +56,14 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_codes(
-        cls, codes: torch.Tensor, qp: QParams, bias: torch.Tensor | None, *, dynamic: bool = False
+        cls, codes: torch.Tensor, qp: QParams, bias: torch.Tensor | None, *, dynamic: bool = False,
+        input_scaled: bool = False,
     ) -> "QuantLinear":
         """Wrap already-computed integer codes and their scales/zeros."""
         out_features, in_features = codes.shape
         layer = cls(
             in_features, out_features, qp.scale.shape[1], bits=qp.bits, group_size=qp.group_size,
-            symmetric=qp.symmetric, bias=bias is not None, dynamic=dynamic,
+            symmetric=qp.symmetric, bias=bias is not None, dynamic=dynamic, input_scaled=input_scaled,
         )
         layer.codes.copy_(codes.to(torch.int16))
         layer.scale.copy_(qp.scale.to(torch.float16))
@@ -70,7 +77,8 @@ class QuantLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight this layer computes with, (out, in) fp32."""
-        return dequantize(self.codes, self.qparams())
+        w = dequantize(self.codes, self.qparams())
+        return w if self.input_scale is None else w / self.input_scale
 
     @property
     def weight(self) -> torch.Tensor:
