@@ -3,7 +3,8 @@
 Encodings, chosen per tensor, whichever is smallest:
 - `dense`: stored as is.
 - `bitmask`: a packed keep-mask (1 bit per weight) + the kept values, for sparse float weights.
-- `packed`: integer codes of a QuantLinear stored `bits` bits each (two 4-bit codes per byte).
+- `packed`: integer codes (of a QuantLinear or another MODULE_CLASSES entry) stored `bits` bits
+  each (two 4-bit codes per byte).
 - `packed_bitmask`: for pruned-then-quantized layers, a keep-mask + the kept codes, packed.
 Loading reads only safetensors and JSON: nothing is ever unpickled.
 """
@@ -24,6 +25,10 @@ from slimformer.errors import UserError
 from slimformer.quant.packing import pack_bitmask, pack_codes, unpack_bitmask, unpack_codes
 from slimformer.quant.qlinear import QuantLinear
 from slimformer.quant.qscheme import expand_groups
+
+# Module classes the artifact stores by description + packed integer buffers. Each implements
+# spec() -> dict, from_spec(dict) (classmethod) and packed_leaves() -> {leaf: (bits, offset)}.
+MODULE_CLASSES: dict[str, type[nn.Module]] = {"QuantLinear": QuantLinear}
 
 FORMAT = "slimformer"
 FORMAT_VERSION = 1
@@ -46,7 +51,7 @@ def save_artifact(
         "format_version": FORMAT_VERSION,
         "kind": kind,
         "architecture": type(model).__name__,
-        "modules": _quant_modules(model),
+        "modules": {name: {"class": type(m).__name__, **m.spec()} for name, m in _stored_modules(model).items()},
         "tensors": encodings,
         "tied": tied,
         "sha256": {WEIGHTS: _sha256(folder / WEIGHTS)},
@@ -56,23 +61,12 @@ def save_artifact(
     return sum((folder / f).stat().st_size for f in (WEIGHTS, MANIFEST, "config.json"))
 
 
-def _quant_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
-    return {
-        name: {
-            "class": "QuantLinear", "in_features": m.in_features, "out_features": m.out_features,
-            "n_groups": m.scale.shape[1], "bits": m.bits, "group_size": m.group_size,
-            "symmetric": m.symmetric, "bias": m.bias is not None, "dynamic": m.dynamic,
-            "input_scaled": m.input_scale is not None,
-            # a last group smaller than group_size (e.g. 576 = 4 x 128 + 64) is recorded here
-            "last_group": m.in_features - (m.scale.shape[1] - 1) * m.group_size if m.group_size > 0 else None,
-        }
-        for name, m in model.named_modules()
-        if isinstance(m, QuantLinear)
-    }
+def _stored_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if MODULE_CLASSES.get(type(m).__name__) is type(m)}
 
 
 def _encode_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
-    quant = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    stored = _stored_modules(model)
     tensors: dict[str, torch.Tensor] = {}
     encodings: dict[str, Any] = {}
     tied: dict[str, str] = {}
@@ -86,30 +80,26 @@ def _encode_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
         if ptr is not None:
             seen[ptr] = key
         owner, _, leaf = key.rpartition(".")
-        if owner in quant and leaf in ("codes", "zero"):
-            encodings[key] = _put_packed(tensors, key, t, quant[owner])
+        packed = stored[owner].packed_leaves() if owner in stored else {}
+        if leaf in packed:
+            encodings[key] = _put_packed(tensors, key, t, *packed[leaf], stored[owner])
         else:
             encodings[key] = _put_float(tensors, key, t)
     return tensors, encodings, tied
 
 
-def _code_offset(m: QuantLinear) -> int:
-    return 2 ** (m.bits - 1) if m.symmetric else 0
-
-
-def _put_packed(tensors: dict, key: str, t: torch.Tensor, m: QuantLinear) -> dict[str, Any]:
-    offset = _code_offset(m)
-    meta = {"bits": m.bits, "offset": offset, "shape": list(t.shape), "dtype": "int16"}
-    if key.endswith(".codes"):
+def _put_packed(tensors: dict, key: str, t: torch.Tensor, bits: int, offset: int, m: nn.Module) -> dict[str, Any]:
+    meta = {"bits": bits, "offset": offset, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+    if isinstance(m, QuantLinear) and key.endswith(".codes"):
         # a pruned weight's code is its group's zero point: when enough are pruned, a bitmask plus
         # the kept codes is smaller than every code
         keep = t != expand_groups(m.zero, m.in_features, m.group_size)
         nnz = int(keep.sum())
-        if (t.numel() + 7) // 8 + (nnz * m.bits + 7) // 8 < (t.numel() * m.bits + 7) // 8:
+        if (t.numel() + 7) // 8 + (nnz * bits + 7) // 8 < (t.numel() * bits + 7) // 8:
             tensors[key + ".mask"] = pack_bitmask(keep)
-            tensors[key + ".values"] = pack_codes(t[keep], m.bits, offset)
+            tensors[key + ".values"] = pack_codes(t[keep], bits, offset)
             return {"encoding": "packed_bitmask", "group_size": m.group_size, "nnz": nnz, **meta}
-    tensors[key] = pack_codes(t, m.bits, offset)
+    tensors[key] = pack_codes(t, bits, offset)
     return {"encoding": "packed", **meta}
 
 
@@ -190,14 +180,9 @@ def load_artifact(folder: Path) -> tuple[nn.Module, str]:
     loader = AutoModelForCausalLM if manifest["kind"] == "decoder" else AutoModel
     model = loader.from_config(config, dtype=torch.float32)
     for name, spec in manifest["modules"].items():
-        model.set_submodule(
-            name,
-            QuantLinear(
-                spec["in_features"], spec["out_features"], spec["n_groups"], bits=spec["bits"],
-                group_size=spec["group_size"], symmetric=spec["symmetric"], bias=spec["bias"],
-                dynamic=spec.get("dynamic", False), input_scaled=spec.get("input_scaled", False),
-            ),
-        )
+        if spec.get("class") not in MODULE_CLASSES:
+            raise UserError(f"'{folder}': module '{name}' has class {spec.get('class')!r}, unknown to this slimformer; upgrade it.")
+        model.set_submodule(name, MODULE_CLASSES[spec["class"]].from_spec(spec))
     stored = load_file(str(weights))
     state = {key: _decode(stored, key, manifest["tensors"]) for key in manifest["tensors"]}
     missing, unexpected = model.load_state_dict(state, strict=False)

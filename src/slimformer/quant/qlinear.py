@@ -72,6 +72,31 @@ class QuantLinear(nn.Module):
             layer.bias.data.copy_(bias.detach().float())
         return layer
 
+    # --- the artifact protocol: how this module is described in the manifest and packed on disk ---
+    def spec(self) -> dict:
+        """JSON-able constructor arguments (the artifact manifest's entry for this module)."""
+        return {
+            "in_features": self.in_features, "out_features": self.out_features, "n_groups": self.scale.shape[1],
+            "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+            "bias": self.bias is not None, "dynamic": self.dynamic, "input_scaled": self.input_scale is not None,
+            # a last group smaller than group_size (e.g. 576 = 4 x 128 + 64) is recorded here
+            "last_group": self.in_features - (self.scale.shape[1] - 1) * self.group_size if self.group_size > 0 else None,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "QuantLinear":
+        """An empty layer of the shape `spec` describes, ready for `load_state_dict`."""
+        return cls(
+            spec["in_features"], spec["out_features"], spec["n_groups"], bits=spec["bits"],
+            group_size=spec["group_size"], symmetric=spec["symmetric"], bias=spec["bias"],
+            dynamic=spec.get("dynamic", False), input_scaled=spec.get("input_scaled", False),
+        )
+
+    def packed_leaves(self) -> dict[str, tuple[int, int]]:
+        """Integer buffers stored `bits` bits each: leaf -> (bits, offset added to make them >= 0)."""
+        offset = 2 ** (self.bits - 1) if self.symmetric else 0
+        return {"codes": (self.bits, offset), "zero": (self.bits, offset)}
+
     def qparams(self) -> QParams:
         return QParams(self.scale, self.zero, self.bits, self.group_size, self.symmetric)
 
