@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from slimformer.checkpoint import fingerprint, open_checkpoints
 from slimformer.context import StepContext
 from slimformer.data.sources import load_data
 from slimformer.errors import UserError
@@ -40,15 +42,20 @@ def compress(
     output: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run `recipe` on `model`, measure before/after, and (with `output`) write the folder.
 
     Returns the report dict (see DESIGN.md). The input model is never modified: a loaded bundle
     is deep-copied first, and output goes to a temporary sibling renamed only when complete.
+    With `output`, layer-wise steps save each finished block in the hidden sibling
+    `.<output>.resume/` (removed on success); `resume=True` continues from there.
     """
     started = time.perf_counter()
     recipe = Recipe.coerce(recipe)
     out_dir = _check_output(output, overwrite)
+    if resume and out_dir is None:
+        raise UserError("resume needs an output folder: the checkpoint lives beside it.")
     settings = eval if isinstance(eval, EvalSettings) else EvalSettings(data=eval, progress=progress)
     bundle = load_bundle(model) if not isinstance(model, ModelBundle) else model
     calib_data = load_data(calib or DEFAULT_CALIB[bundle.kind], "calib")
@@ -61,11 +68,21 @@ def compress(
     baseline["size_bytes"] = _source_bytes(bundle)
 
     ctx = StepContext(tokenizer=bundle.tokenizer, kind=bundle.kind, calib=calib_data, progress=progress)
+    root = None
+    if out_dir is not None:
+        root = open_checkpoints(out_dir.parent / f".{out_dir.name}.resume", fingerprint(
+            model=bundle.name, recipe=recipe.to_dict(), calib=calib or DEFAULT_CALIB[bundle.kind]), resume)
     steps = []
-    for step in recipe.steps:
-        t0 = time.perf_counter()
-        info = get_method(step.method).apply(work, step.config, ctx)
-        steps.append({"method": step.method, **step.to_dict(), **info, "wall_s": round(time.perf_counter() - t0, 2)})
+    try:
+        for i, step in enumerate(recipe.steps):
+            t0 = time.perf_counter()
+            step_ctx = dataclasses.replace(ctx, checkpoint=root / f"step{i}" if root else None, resume=resume)
+            info = get_method(step.method).apply(work, step.config, step_ctx)
+            steps.append({"method": step.method, **step.to_dict(), **info, "wall_s": round(time.perf_counter() - t0, 2)})
+    except UserError:
+        if root is not None:  # bad input (e.g. NaNs in calibration) leaves nothing behind
+            shutil.rmtree(root, ignore_errors=True)
+        raise
     compressed_bundle = ModelBundle(work, bundle.tokenizer, bundle.kind, bundle.name)
     compressed = measure(compressed_bundle, data, settings)
 
@@ -79,6 +96,8 @@ def compress(
         report["wall_s"] = round(time.perf_counter() - started, 2)
         return report
     _write_output(out_dir, compressed_bundle, recipe, report, started, overwrite)
+    if root is not None:
+        shutil.rmtree(root, ignore_errors=True)
     return report
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimformer.checkpoint import BlockCheckpoint
 from slimformer.context import StepContext, track
 from slimformer.models.layout import find_blocks
 
@@ -82,22 +83,32 @@ BlockFn = Callable[[int, nn.Module, BlockInputs], dict[str, Any] | None]
 
 def run_layerwise(
     model: nn.Module, windows: torch.Tensor, process_block: BlockFn, ctx: StepContext | None = None,
-    batch_size: int = 8, start_block: int = 0, inputs: BlockInputs | None = None,
-    after_block: Callable[[int, BlockInputs], None] | None = None,
+    batch_size: int = 8, after_block: Callable[[int, BlockInputs], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Call `process_block(index, block, inputs)` for each block, feeding compressed outputs forward.
 
-    `process_block` observes (e.g. with `observe_linears`) and modifies the block in place.
-    `after_block(index, next_inputs)` runs once a block is done (used to checkpoint for --resume).
+    `process_block` observes (e.g. with `observe_linears`) and modifies the block in place; what it
+    returns must be JSON-able (it is saved with the block). With `ctx.checkpoint` set, each finished
+    block is saved there, and with `ctx.resume` the saved blocks are restored instead of recomputed.
+    `after_block(index, next_inputs)` runs once a block is done.
     """
     _, blocks = find_blocks(model)
-    if inputs is None:
-        inputs = capture_first_block_inputs(model, windows, batch_size)
-    infos = []
-    for index in track(ctx, range(start_block, len(blocks)), "blocks", len(blocks) - start_block):
+    checkpoint = BlockCheckpoint(ctx.checkpoint) if ctx is not None and ctx.checkpoint is not None else None
+    start, infos = 0, []
+    if checkpoint is not None and ctx is not None and ctx.resume:
+        start = checkpoint.finished(len(blocks))
+        infos = checkpoint.restore(blocks, start)
+    if start == len(blocks):
+        return infos
+    inputs = capture_first_block_inputs(model, windows, batch_size)
+    for index in range(start):  # the restored blocks recreate the inputs of block `start` exactly
+        inputs = inputs.replace_hidden(inputs.run(blocks[index]))
+    for index in track(ctx, range(start, len(blocks)), "blocks", len(blocks) - start):
         block = blocks[index]
         infos.append(process_block(index, block, inputs) or {})
         inputs = inputs.replace_hidden(inputs.run(block))
+        if checkpoint is not None:
+            checkpoint.save(index, block, infos[-1])
         if after_block is not None:
             after_block(index, inputs)
     return infos

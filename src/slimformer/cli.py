@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--output", required=True, help="output folder (written atomically)")
     c.add_argument("--calib", metavar="DATA", help="calibration data (default: lee-news / tweets)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    c.add_argument("--resume", action="store_true",
+                   help="continue an interrupted GPTQ/AWQ/... run from its last finished block")
     eval_options(c)
 
     e = sub.add_parser("evaluate", help="measure a model or a compressed folder")
@@ -64,7 +66,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "compress":
         report = api.compress(
             args.model, Path(args.recipe), calib=args.calib, eval=_settings(args),
-            output=args.output, overwrite=args.overwrite, progress=not args.quiet,
+            output=args.output, overwrite=args.overwrite, progress=not args.quiet, resume=args.resume,
         )
         print(f"\n{report['model']} on {report['eval_data']}:\n")
         print(api.summary_table(report))
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return 2
     except KeyboardInterrupt:
-        print("slimformer: interrupted; no output was written.", file=sys.stderr)
+        resumable = " (rerun with --resume to continue from the last finished block)" if getattr(args, "output", None) else ""
+        print(f"slimformer: interrupted; no output was written{resumable}.", file=sys.stderr)
         return 130
     except Exception as exc:  # internal failure: short message unless --debug
         if args.debug:

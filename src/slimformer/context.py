@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -17,6 +18,9 @@ class StepContext:
     kind: str = "decoder"  # "decoder" | "encoder"
     calib: Any = None  # slimformer.data.sources.TextData or None
     progress: bool = True
+    # --resume: where this step's layer-wise engine saves finished blocks, and whether to reuse them
+    checkpoint: Path | None = None
+    resume: bool = False
 
 
 def track(ctx: StepContext | None, items: Iterable, desc: str, total: int | None = None) -> Iterable:

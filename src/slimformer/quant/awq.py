@@ -76,13 +76,13 @@ def awq(model: nn.Module, config: AWQConfig, ctx: StepContext | None = None) -> 
     """
     selected = select_linears(model, config.targets, config.ignore)
     windows = calibration_inputs(ctx, config.num_samples, config.seq_len, "awq")
-    alphas: dict[str, float] = {}
-    gains: list[float] = []
 
     def process(index: int, block: nn.Module, inputs) -> dict[str, Any]:
         layers = block_targets(model, block, selected)
         if not layers:
             return {}
+        alphas: list[float] = []
+        ratios: list[float] = []
         stats = _ActivationStats()
         observe_linears(block, layers, inputs, stats)
         for name, layer in layers.items():
@@ -95,13 +95,14 @@ def awq(model: nn.Module, config: AWQConfig, ctx: StepContext | None = None) -> 
                                        input_scaled=True)
             q.input_scale.copy_(s)
             model.set_submodule(name, q)
-            alphas[name] = alpha
-            gains.append(ratio)
-        return {"block": index, "layers": len(layers)}
+            alphas.append(alpha)
+            ratios.append(ratio)
+        return {"block": index, "layers": len(layers), "alphas": alphas, "ratios": ratios}
 
     infos = run_layerwise(model, windows, process, ctx)
+    alphas = [a for i in infos for a in i.get("alphas", [])]
+    ratios = [r for i in infos for r in i.get("ratios", [])]
     n = max(1, len(alphas))
     return {"layers": sum(i.get("layers", 0) for i in infos), "calib_windows": int(windows.shape[0]),
             "bits": config.bits, "group_size": config.group_size, "symmetric": config.symmetric,
-            "mean_alpha": round(sum(alphas.values()) / n, 3),
-            "mean_error_vs_rtn": round(sum(gains) / n, 3)}
+            "mean_alpha": round(sum(alphas) / n, 3), "mean_error_vs_rtn": round(sum(ratios) / n, 3)}

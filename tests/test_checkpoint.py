@@ -1,0 +1,55 @@
+"""--resume: a layer-wise run stopped after some blocks and resumed equals an uninterrupted run."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from slimformer.checkpoint import BlockCheckpoint, fingerprint, open_checkpoints
+from slimformer.context import StepContext
+from slimformer.data.sources import load_data
+from slimformer.errors import UserError
+from slimformer.quant.awq import AWQConfig, awq
+from slimformer.quant.gptq import GPTQConfig, gptq
+from slimformer.quant.qlinear import QuantLinear
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method, config", [
+    (gptq, GPTQConfig(bits=4, group_size=128, num_samples=2, targets=("mlp.down_proj",))),
+    (awq, AWQConfig(bits=4, group_size=128, num_samples=2, grid=4, targets=("self_attn.o_proj",))),
+])
+def test_resume_gives_identical_tensors(smollm_bundle, tmp_path, method, config) -> None:
+    ctx = StepContext(tokenizer=smollm_bundle.tokenizer, calib=load_data("lee-news", "calib"), progress=False)
+    reference = copy.deepcopy(smollm_bundle.model)
+    ref_info = method(reference, config, ctx)
+
+    folder = tmp_path / "step0"
+    interrupted = copy.deepcopy(smollm_bundle.model)
+    method(interrupted, config, StepContext(**{**ctx.__dict__, "checkpoint": folder}))
+    assert BlockCheckpoint(folder).finished(30) == 30
+    for index in range(11, 30):  # as if the run had stopped after block 10
+        (folder / f"block_{index}.json").unlink()
+
+    resumed = copy.deepcopy(smollm_bundle.model)
+    info = method(resumed, config, StepContext(**{**ctx.__dict__, "checkpoint": folder, "resume": True}))
+    assert info == ref_info
+    assert sum(isinstance(m, QuantLinear) for m in resumed.modules()) == 30
+    ref, got = _state(reference), _state(resumed)
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_fingerprint_mismatch_is_refused(tmp_path) -> None:
+    root = open_checkpoints(tmp_path / "ck", fingerprint(model="a", recipe={"steps": []}), resume=False)
+    assert json.loads((root / "fingerprint.json").read_text())["fingerprint"]
+    with pytest.raises(UserError, match="another model, recipe"):
+        open_checkpoints(root, fingerprint(model="b", recipe={"steps": []}), resume=True)
+    (root / "step0").mkdir()
+    open_checkpoints(root, fingerprint(model="b", recipe={}), resume=False)  # a fresh run discards it
+    assert not (root / "step0").exists()
