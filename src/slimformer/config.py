@@ -52,11 +52,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise UserError(f"{where}: got {value!r}, expected one of {', '.join(map(repr, typing.get_args(hint)))}.")
         return value
     if origin is tuple:
-        if isinstance(value, str):
+        item = typing.get_args(hint)[0]
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise UserError(f"{where}: got {value!r}, expected a list of strings.")
-        return tuple(value)
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where}: got {value!r}, expected a list of {_NAMES.get(item, item)}.")
+        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
     if hint is bool:
         if not isinstance(value, bool):
             raise UserError(f"{where}: got {value!r}, expected true or false.")
@@ -74,6 +75,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise UserError(f"{where}: got {value!r}, expected a string.")
         return value
     return value
+
+
+_NAMES = {str: "strings", int: "integers", float: "numbers"}
 
 
 def _describe(hint: Any) -> str:

@@ -71,8 +71,20 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"# slimformer report: {report['model']}\n\n"
         f"Evaluation data: `{report['eval_data']}`\n\n## Steps\n{steps}\n\n## Metrics\n"
         f"{metrics_table({'baseline': report['baseline'], 'compressed': report['compressed']})}\n\n"
-        f"Total wall time: {report['wall_s']:.1f} s\n"
+        f"Total wall time: {report['wall_s']:.1f} s\n{_per_layer_sections(report['steps'])}"
     )
+
+
+def _per_layer_sections(steps: list[dict[str, Any]]) -> str:
+    """Per-layer choices a step reports as {"per_layer": {"title": ..., "values": {layer: value}}}."""
+    out = []
+    for i, step in enumerate(steps):
+        per_layer = step.get("per_layer")
+        if not per_layer:
+            continue
+        rows = "\n".join(f"| `{name}` | {value} |" for name, value in per_layer["values"].items())
+        out.append(f"\n## Step {i + 1} (`{step['method']}`): {per_layer['title']}\n\n| layer | value |\n|---|---|\n{rows}\n")
+    return "".join(out)
 
 
 def plot_report(report: dict[str, Any], path: Path) -> None:
