@@ -20,6 +20,7 @@ _BUILTIN_MODULES = (
     "slimformer.quant.gptq",
     "slimformer.quant.dynamic",
     "slimformer.quant.awq",
+    "slimformer.quant.nonlinear",
     "slimformer.quant.mixed",
 )
 

@@ -22,13 +22,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slimformer.errors import UserError
+from slimformer.quant.lut_linear import LUTLinear
 from slimformer.quant.packing import pack_bitmask, pack_codes, unpack_bitmask, unpack_codes
 from slimformer.quant.qlinear import QuantLinear
 from slimformer.quant.qscheme import expand_groups
 
 # Module classes the artifact stores by description + packed integer buffers. Each implements
 # spec() -> dict, from_spec(dict) (classmethod) and packed_leaves() -> {leaf: (bits, offset)}.
-MODULE_CLASSES: dict[str, type[nn.Module]] = {"QuantLinear": QuantLinear}
+MODULE_CLASSES: dict[str, type[nn.Module]] = {"QuantLinear": QuantLinear, "LUTLinear": LUTLinear}
 
 FORMAT = "slimformer"
 FORMAT_VERSION = 1
