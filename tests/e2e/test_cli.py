@@ -143,3 +143,27 @@ def test_input_model_untouched(smollm_bundle, tmp_path) -> None:
     slimformer.compress(smollm_bundle, "steps:\n  - method: magnitude\n    sparsity: 0.5\n",
                         eval=slimformer.api.EvalSettings(max_windows=1, latency=False, progress=False))
     assert torch.equal(smollm_bundle.model.model.layers[0].mlp.up_proj.weight, before)
+
+
+def test_layerwise_checkpoint_removed_on_success_and_foreign_one_refused(tmp_path, tiny_dirs, capsys) -> None:
+    recipe = _recipe(tmp_path, "steps:\n  - method: gptq\n    bits: 4\n    group_size: 16\n    num_samples: 2\n")
+    args = ["compress", str(tiny_dirs["llama"]), "--recipe", str(recipe), "--max-windows", "2", "--no-latency", "--quiet"]
+    assert main([*args, "--output", str(tmp_path / "a"), "--resume"]) == 0  # nothing to resume: a normal run
+    assert (tmp_path / "a" / "report.json").exists() and not (tmp_path / ".a.resume").exists()
+
+    (tmp_path / ".b.resume").mkdir()
+    (tmp_path / ".b.resume" / "fingerprint.json").write_text('{"fingerprint": "0000"}')
+    assert main([*args, "--output", str(tmp_path / "b"), "--resume"]) == 2
+    assert "another model, recipe" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_mixed_reports_bits_per_layer(tmp_path, tiny_dirs) -> None:
+    recipe = _recipe(tmp_path, "steps:\n  - method: mixed\n    avg_bits: 4\n    group_size: 16\n"
+                               "    choices: [2, 4, 8]\n    num_samples: 2\n    seq_len: 128\n")
+    out = tmp_path / "out"
+    assert main(["compress", str(tiny_dirs["llama"]), "--recipe", str(recipe), "--output", str(out),
+                 "--max-windows", "2", "--no-latency", "--quiet"]) == 0
+    step = json.loads((out / "report.json").read_text())["steps"][0]
+    assert step["layers"] == 14 and step["avg_bits_chosen"] <= 4.0
+    assert sum(step["bits_histogram"].values()) == 14
+    assert "bits per layer" in (out / "report.md").read_text()
