@@ -90,3 +90,11 @@ def check_range(name: str, value: float, low: float, high: float, *, high_open: 
     if not ok:
         bracket = ")" if high_open else "]"
         raise UserError(f"{name} must be in [{low}, {high}{bracket}, got {value}.")
+
+
+def check_positive(method: str, config: Any, *keys: str) -> None:
+    """UserError naming the method unless each of `keys` on `config` is >= 1."""
+    for key in keys:
+        value = getattr(config, key)
+        if value < 1:
+            raise UserError(f"{method}: {key} must be a positive integer, got {value}.")

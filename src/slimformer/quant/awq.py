@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from slimformer.calibrate import block_targets, observe_linears, run_layerwise
-from slimformer.config import TargetedConfig
+from slimformer.config import TargetedConfig, check_positive
 from slimformer.context import StepContext
 from slimformer.errors import UserError
 from slimformer.models.layout import select_linears, weight_view
@@ -38,9 +38,7 @@ class AWQConfig(TargetedConfig):
             check_scheme(self.bits, self.group_size)
         except UserError as exc:
             raise UserError(f"awq: {exc}") from None
-        for key in ("grid", "num_samples", "seq_len"):
-            if getattr(self, key) < 1:
-                raise UserError(f"awq: {key} must be a positive integer, got {getattr(self, key)}.")
+        check_positive("awq", self, "grid", "num_samples", "seq_len")
 
 
 class _ActivationStats(HessianCollector):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from slimformer.calibrate import block_targets, observe_linears, run_layerwise
-from slimformer.config import TargetedConfig
+from slimformer.config import TargetedConfig, check_positive
 from slimformer.context import StepContext
 from slimformer.data.windows import calibration_windows
 from slimformer.errors import UserError
@@ -45,9 +45,7 @@ class GPTQConfig(TargetedConfig):
             raise UserError(f"gptq: damp must be in (0, 1), got {self.damp}.")
         if self.sink_weight < 1:
             raise UserError(f"gptq: sink_weight must be >= 1 (1 = no extra weight), got {self.sink_weight}.")
-        for key in ("block_size", "num_samples", "seq_len"):
-            if getattr(self, key) < 1:
-                raise UserError(f"gptq: {key} must be a positive integer, got {getattr(self, key)}.")
+        check_positive("gptq", self, "block_size", "num_samples", "seq_len")
 
 
 def calibration_inputs(ctx: StepContext | None, num_samples: int, seq_len: int, method: str) -> torch.Tensor:

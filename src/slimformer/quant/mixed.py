@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimformer.config import TargetedConfig
+from slimformer.config import TargetedConfig, check_positive
 from slimformer.context import StepContext, track
 from slimformer.errors import UserError
 from slimformer.models.layout import select_linears, weight_view
@@ -60,9 +60,7 @@ class MixedConfig(TargetedConfig):
                             f"got {self.avg_bits}.")
         if self.size_bytes is not None and self.size_bytes < 1:
             raise UserError(f"mixed: size_bytes must be positive, got {self.size_bytes}.")
-        for key in ("num_samples", "seq_len"):
-            if getattr(self, key) < 1:
-                raise UserError(f"mixed: {key} must be a positive integer, got {getattr(self, key)}.")
+        check_positive("mixed", self, "num_samples", "seq_len")
 
 
 def _fisher(model: nn.Module, layers: dict[str, nn.Module], windows: torch.Tensor, ctx: StepContext | None) -> dict[str, torch.Tensor]:
