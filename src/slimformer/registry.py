@@ -20,6 +20,8 @@ _BUILTIN_MODULES = (
     "slimformer.quant.gptq",
     "slimformer.quant.dynamic",
     "slimformer.quant.awq",
+    "slimformer.quant.static",
+    "slimformer.quant.smoothquant",
     "slimformer.quant.nonlinear",
     "slimformer.quant.mixed",
 )

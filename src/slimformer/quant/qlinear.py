@@ -3,8 +3,10 @@
 By default the forward pass dequantizes (weight-only quantization, simulated in float; real
 low-bit kernels come through export). With `dynamic=True` (8-bit symmetric per-channel weights)
 activations are quantized per token at run time and the product runs in real integer arithmetic
-(`torch._int_mm`, int8 x int8 -> int32). Holding the codes, not float weights, is what lets the
-artifact store them packed.
+(`torch._int_mm`, int8 x int8 -> int32). With `act_bits` (static W8A8, SmoothQuant) activations
+are quantized with one calibrated per-tensor scale/zero (`act_scale`, `act_zero`): through
+`torch._int_mm` for 8-bit symmetric weights and activations, simulated in float otherwise.
+Holding the codes, not float weights, is what lets the artifact store them packed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimformer.models.layout import weight_view
+from slimformer.quant.int8_kernels import fake_quant_static, int8_matmul, quantize_per_token, quantize_static
 from slimformer.quant.qscheme import QParams, compute_qparams, dequantize, quantize
 
 
@@ -25,13 +28,17 @@ class QuantLinear(nn.Module):
     def __init__(
         self, in_features: int, out_features: int, n_groups: int, *, bits: int, group_size: int,
         symmetric: bool, bias: bool, dynamic: bool = False, input_scaled: bool = False,
+        act_bits: int | None = None, act_symmetric: bool = True,
     ) -> None:
         super().__init__()
-        if dynamic and (input_scaled or not (bits == 8 and symmetric and group_size == -1)):
+        if dynamic and (input_scaled or act_bits or not (bits == 8 and symmetric and group_size == -1)):
             raise ValueError("dynamic int8 execution needs 8-bit symmetric per-channel weights, unscaled inputs")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric, self.dynamic = bits, group_size, symmetric, dynamic
         self._int8_t: torch.Tensor | None = None  # (in, out) int8 copy of the codes for _int_mm
+        # False: the same integer product in fp32 matmuls (exact while |acc| < 2^24), for evaluation
+        # where torch._int_mm has no fast CPU kernel (AVX2 without VNNI: ~20x slower than fp32)
+        self.int_kernel = True
         self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.int16))
         self.register_buffer("scale", torch.ones(out_features, n_groups, dtype=torch.float16))
         self.register_buffer("zero", torch.zeros(out_features, n_groups, dtype=torch.int16))
@@ -42,6 +49,11 @@ class QuantLinear(nn.Module):
             self.register_buffer("input_scale", torch.ones(in_features))
         else:
             self.input_scale = None
+        # static activation quantization: one calibrated (scale, zero) for the layer's input
+        self.act_bits, self.act_symmetric = act_bits, act_symmetric
+        if act_bits is not None:
+            self.register_buffer("act_scale", torch.ones(1))
+            self.register_buffer("act_zero", torch.zeros(1, dtype=torch.int16))
 
     @classmethod
     @torch.no_grad()
@@ -57,13 +69,14 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_codes(
         cls, codes: torch.Tensor, qp: QParams, bias: torch.Tensor | None, *, dynamic: bool = False,
-        input_scaled: bool = False,
+        input_scaled: bool = False, act_bits: int | None = None, act_symmetric: bool = True,
     ) -> "QuantLinear":
         """Wrap already-computed integer codes and their scales/zeros."""
         out_features, in_features = codes.shape
         layer = cls(
             in_features, out_features, qp.scale.shape[1], bits=qp.bits, group_size=qp.group_size,
             symmetric=qp.symmetric, bias=bias is not None, dynamic=dynamic, input_scaled=input_scaled,
+            act_bits=act_bits, act_symmetric=act_symmetric,
         )
         layer.codes.copy_(codes.to(torch.int16))
         layer.scale.copy_(qp.scale.to(torch.float16))
@@ -81,6 +94,8 @@ class QuantLinear(nn.Module):
             "bias": self.bias is not None, "dynamic": self.dynamic, "input_scaled": self.input_scale is not None,
             # a last group smaller than group_size (e.g. 576 = 4 x 128 + 64) is recorded here
             "last_group": self.in_features - (self.scale.shape[1] - 1) * self.group_size if self.group_size > 0 else None,
+            # only for static activation quantization, so earlier manifests are unchanged
+            **({"act_bits": self.act_bits, "act_symmetric": self.act_symmetric} if self.act_bits else {}),
         }
 
     @classmethod
@@ -90,6 +105,7 @@ class QuantLinear(nn.Module):
             spec["in_features"], spec["out_features"], spec["n_groups"], bits=spec["bits"],
             group_size=spec["group_size"], symmetric=spec["symmetric"], bias=spec["bias"],
             dynamic=spec.get("dynamic", False), input_scaled=spec.get("input_scaled", False),
+            act_bits=spec.get("act_bits"), act_symmetric=spec.get("act_symmetric", True),
         )
 
     def packed_leaves(self) -> dict[str, tuple[int, int]]:
@@ -109,26 +125,41 @@ class QuantLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.dequantized_weight()
 
+    @property
+    def int8_static(self) -> bool:
+        """True when static activation quantization runs as real int8 x int8 products."""
+        return (self.act_bits == 8 and self.act_symmetric and self.bits == 8 and self.symmetric
+                and self.group_size == -1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic:
             return self._int8_forward(x)
-        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+        if self.act_bits is None:
+            return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+        if self.input_scale is not None:  # SmoothQuant: x / s must be what gets quantized
+            x = x / self.input_scale.to(x.dtype)
+        if self.int8_static:
+            return self._int8_forward(x)
+        xq = fake_quant_static(x, self.act_scale.to(x.dtype), self.act_zero, self.act_bits, self.act_symmetric)
+        return F.linear(xq, dequantize(self.codes, self.qparams()).to(x.dtype), self.bias)
 
     def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y = (round(x / s_x) @ codes^T) * s_x * s_w + b with per-token symmetric s_x."""
+        """y = (round(x / s_x) @ codes^T) * s_x * s_w + b; s_x per token (dynamic) or calibrated."""
         if self._int8_t is None or self._int8_t.shape != (self.in_features, self.out_features):
-            self._int8_t = self.codes.t().to(torch.int8).contiguous()
+            self._int8_t = self.codes.to(torch.int8).t()  # (in, out) column-major: 2x faster _int_mm on CPU
         x2 = x.reshape(-1, self.in_features).float()  # (tokens, in)
-        s_x = x2.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0  # (tokens, 1)
-        xq = torch.round(x2 / s_x).clamp_(-127, 127).to(torch.int8)
-        acc = torch._int_mm(xq, self._int8_t)  # (tokens, out) int32, exact
-        y = acc.float() * s_x * self.scale.float().view(1, -1)
-        if self.bias is not None:
-            y = y + self.bias
+        if self.dynamic:
+            xq, s_x = quantize_per_token(x2)
+        else:
+            s_x = self.act_scale.float()
+            xq = quantize_static(x2, s_x)
+        w_t = self._int8_t if self.int_kernel else self._int8_t.float()
+        y = int8_matmul(xq if self.int_kernel else xq.float(), w_t, s_x, self.scale.float().view(-1), self.bias)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, symmetric={self.symmetric}, dynamic={self.dynamic}"
+            + (f", act_bits={self.act_bits}" if self.act_bits else "")
         )
