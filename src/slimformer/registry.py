@@ -20,10 +20,10 @@ _BUILTIN_MODULES = (
     "slimformer.quant.gptq",
     "slimformer.quant.dynamic",
     "slimformer.quant.awq",
+    "slimformer.quant.mixed",
     "slimformer.quant.static",
     "slimformer.quant.smoothquant",
     "slimformer.quant.nonlinear",
-    "slimformer.quant.mixed",
 )
 
 
