@@ -18,6 +18,7 @@ from torch import nn
 
 from slimformer.checkpoint import BlockCheckpoint
 from slimformer.context import StepContext, track
+from slimformer.errors import UserError
 from slimformer.models.layout import find_blocks
 
 
@@ -114,6 +115,23 @@ def run_layerwise(
     return infos
 
 
+LayersFn = Callable[[int, nn.Module, BlockInputs, dict[str, nn.Module]], dict[str, Any]]
+
+
+def run_on_targets(
+    model: nn.Module, selected: dict[str, nn.Module], windows: torch.Tensor, process: LayersFn,
+    ctx: StepContext | None = None,
+) -> list[dict[str, Any]]:
+    """`run_layerwise` for methods that replace chosen layers: `process(index, block, inputs, layers)`
+    gets the `selected` layers inside that block, by full name; a block holding none is only run."""
+
+    def per_block(index: int, block: nn.Module, inputs: BlockInputs) -> dict[str, Any]:
+        layers = block_targets(model, block, selected)
+        return process(index, block, inputs, layers) if layers else {}
+
+    return run_layerwise(model, windows, per_block, ctx)
+
+
 def observe_linears(
     block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs, on_input: Callable[[str, torch.Tensor], None]
 ) -> None:
@@ -129,6 +147,36 @@ def observe_linears(
     finally:
         for h in handles:
             h.remove()
+
+
+class SharedInputs:
+    """Base of `observe_linears` callbacks that keep statistics per distinct layer input.
+
+    Layers fed the very same tensor one after another (q/k/v, gate/up) are aliased to the first of
+    them, their `leader`, instead of being observed again: `add(name, x)` sees each distinct input
+    once, after a check that it is finite.
+    """
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.alias: dict[str, str] = {}
+        self._prev: tuple[str, torch.Tensor] | None = None  # held so its memory cannot be reused
+
+    def __call__(self, name: str, x: torch.Tensor) -> None:
+        if self._prev is not None and x.data_ptr() == self._prev[1].data_ptr() and x.shape == self._prev[1].shape:
+            self.alias[name] = self.leader(self._prev[0])
+        else:
+            if not torch.isfinite(x).all():
+                raise UserError(f"{self.method}: non-finite activations (NaN/inf) reach '{name}' on the calibration data.")
+            self.add(name, x)
+        self._prev = (name, x)
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        """Take in one distinct input (tokens, in) of layer `name`."""
+        raise NotImplementedError
+
+    def leader(self, name: str) -> str:
+        return self.alias.get(name, name)
 
 
 def block_targets(model: nn.Module, block: nn.Module, selected: dict[str, nn.Module]) -> dict[str, nn.Module]:

@@ -11,6 +11,7 @@ from slimformer.errors import UserError
 from slimformer.quant.qscheme import (
     compute_qparams, dequantize, expand_groups, fake_quantize, group_bounds, qrange, quantize, sqnr_db,
 )
+from slimformer.recipe import Recipe
 
 
 def _w(seed: int) -> torch.Tensor:
@@ -126,6 +127,19 @@ def test_asymmetric_8bit_codes_reach_255() -> None:
 def test_bad_scheme_values(bits, group_size) -> None:
     with pytest.raises(UserError, match="bits|group_size"):
         compute_qparams(torch.randn(2, 8), bits, group_size, True)
+
+
+@pytest.mark.parametrize("step, message", [
+    ("{method: rtn, bits: 9}", "rtn: bits must be an integer from 2 to 8, got 9."),
+    ("{method: gptq, bits: 1}", "gptq: bits must be an integer from 2 to 8, got 1."),
+    ("{method: awq, group_size: -2}",
+     "awq: group_size must be -1 (per output channel), 0 (per tensor) or a positive group size, got -2."),
+    ("{method: mixed, avg_bits: 4, choices: [2, 9]}", "mixed: bits must be an integer from 2 to 8, got 9."),
+])
+def test_method_configs_name_themselves_in_scheme_errors(step: str, message: str) -> None:
+    with pytest.raises(UserError) as err:
+        Recipe.from_yaml(f"steps: [{step}]")
+    assert str(err.value) == message
 
 
 def test_nonfinite_and_bad_shape_rejected() -> None:

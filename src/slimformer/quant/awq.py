@@ -9,10 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimformer.calibrate import block_targets, observe_linears, run_layerwise
+from slimformer.calibrate import observe_linears, run_on_targets
 from slimformer.config import TargetedConfig, check_positive
 from slimformer.context import StepContext
-from slimformer.errors import UserError
 from slimformer.models.layout import select_linears, weight_view
 from slimformer.quant.awq_math import awq_search
 from slimformer.quant.gptq import HessianCollector, calibration_inputs
@@ -34,10 +33,7 @@ class AWQConfig(TargetedConfig):
     seq_len: int = 512
 
     def __post_init__(self) -> None:
-        try:
-            check_scheme(self.bits, self.group_size)
-        except UserError as exc:
-            raise UserError(f"awq: {exc}") from None
+        check_scheme(self.bits, self.group_size, "awq")
         check_positive("awq", self, "grid", "num_samples", "seq_len")
 
 
@@ -52,14 +48,13 @@ class _ActivationStats(HessianCollector):
         super().__init__("awq")
         self.abs_sum: dict[str, tuple[torch.Tensor, int]] = {}
 
-    def __call__(self, name: str, x: torch.Tensor) -> None:
-        super().__call__(name, x)
-        if name not in self.alias:
-            total, n = self.abs_sum.get(name, (torch.zeros(x.shape[1]), 0))
-            self.abs_sum[name] = (total + x.float().abs().sum(0), n + x.shape[0])
+    def add(self, name: str, x: torch.Tensor) -> None:
+        super().add(name, x)
+        total, n = self.abs_sum.get(name, (torch.zeros(x.shape[1]), 0))
+        self.abs_sum[name] = (total + x.float().abs().sum(0), n + x.shape[0])
 
     def mean_abs(self, name: str) -> torch.Tensor:
-        total, n = self.abs_sum[self.alias.get(name, name)]
+        total, n = self.abs_sum[self.leader(name)]
         return total / n
 
 
@@ -75,10 +70,7 @@ def awq(model: nn.Module, config: AWQConfig, ctx: StepContext | None = None) -> 
     selected = select_linears(model, config.targets, config.ignore)
     windows = calibration_inputs(ctx, config.num_samples, config.seq_len, "awq")
 
-    def process(index: int, block: nn.Module, inputs) -> dict[str, Any]:
-        layers = block_targets(model, block, selected)
-        if not layers:
-            return {}
+    def process(index: int, block: nn.Module, inputs, layers: dict[str, nn.Module]) -> dict[str, Any]:
         alphas: list[float] = []
         ratios: list[float] = []
         stats = _ActivationStats()
@@ -97,7 +89,7 @@ def awq(model: nn.Module, config: AWQConfig, ctx: StepContext | None = None) -> 
             ratios.append(ratio)
         return {"block": index, "layers": len(layers), "alphas": alphas, "ratios": ratios}
 
-    infos = run_layerwise(model, windows, process, ctx)
+    infos = run_on_targets(model, selected, windows, process, ctx)
     alphas = [a for i in infos for a in i.get("alphas", [])]
     ratios = [r for i in infos for r in i.get("ratios", [])]
     n = max(1, len(alphas))

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimformer.calibrate import block_targets, observe_linears, run_layerwise
+from slimformer.calibrate import SharedInputs, observe_linears, run_on_targets
 from slimformer.config import TargetedConfig, check_positive
 from slimformer.context import StepContext
 from slimformer.data.windows import calibration_windows
@@ -37,10 +37,7 @@ class GPTQConfig(TargetedConfig):
     seq_len: int = 512
 
     def __post_init__(self) -> None:
-        try:
-            check_scheme(self.bits, self.group_size)
-        except UserError as exc:
-            raise UserError(f"gptq: {exc}") from None
+        check_scheme(self.bits, self.group_size, "gptq")
         if not 0 < self.damp < 1:
             raise UserError(f"gptq: damp must be in (0, 1), got {self.damp}.")
         if self.sink_weight < 1:
@@ -55,7 +52,7 @@ def calibration_inputs(ctx: StepContext | None, num_samples: int, seq_len: int, 
     return calibration_windows(ctx.tokenizer, ctx.calib, num_samples, seq_len)
 
 
-class HessianCollector:
+class HessianCollector(SharedInputs):
     """`on_input` callback accumulating H = 2/n sum w_t x_t x_t^T per layer.
 
     The first token of every window is an attention sink: all later queries attend to it, so an
@@ -67,21 +64,13 @@ class HessianCollector:
     """
 
     def __init__(self, method: str, seq_len: int | None = None, sink_weight: float = 1.0) -> None:
-        self.method = method
+        super().__init__(method)
         self.seq_len, self.sink_weight = seq_len, sink_weight
         self.sums: dict[str, tuple[torch.Tensor, int]] = {}
-        self.alias: dict[str, str] = {}
-        self._prev: tuple[str, torch.Tensor] | None = None  # held so its memory cannot be reused
 
-    def __call__(self, name: str, x: torch.Tensor) -> None:
-        if self._prev is not None and x.data_ptr() == self._prev[1].data_ptr() and x.shape == self._prev[1].shape:
-            self.alias[name] = self.alias.get(self._prev[0], self._prev[0])
-        else:
-            if not torch.isfinite(x).all():
-                raise UserError(f"{self.method}: non-finite activations (NaN/inf) reach '{name}' on the calibration data.")
-            h, n = self.sums.get(name, (None, 0))
-            self.sums[name] = accumulate_hessian(h, x, n, self._weights(x.shape[0]))
-        self._prev = (name, x)
+    def add(self, name: str, x: torch.Tensor) -> None:
+        h, n = self.sums.get(name, (None, 0))
+        self.sums[name] = accumulate_hessian(h, x, n, self._weights(x.shape[0]))
 
     def _weights(self, tokens: int) -> torch.Tensor | None:
         if self.seq_len is None or self.sink_weight == 1.0 or tokens % self.seq_len:
@@ -91,7 +80,7 @@ class HessianCollector:
         return w.reshape(-1)
 
     def get(self, name: str) -> torch.Tensor:
-        return self.sums[self.alias.get(name, name)][0]
+        return self.sums[self.leader(name)][0]
 
 
 @register("gptq", GPTQConfig, kind="quant")
@@ -101,10 +90,7 @@ def gptq(model: nn.Module, config: GPTQConfig, ctx: StepContext | None = None) -
     selected = select_linears(model, config.targets, config.ignore)
     windows = calibration_inputs(ctx, config.num_samples, config.seq_len, "gptq")
 
-    def process(index: int, block: nn.Module, inputs) -> dict[str, Any]:
-        layers = block_targets(model, block, selected)
-        if not layers:
-            return {}
+    def process(index: int, block: nn.Module, inputs, layers: dict[str, nn.Module]) -> dict[str, Any]:
         hessians = HessianCollector("gptq", windows.shape[1], config.sink_weight)
         observe_linears(block, layers, inputs, hessians)
         for name, layer in layers.items():
@@ -115,6 +101,6 @@ def gptq(model: nn.Module, config: GPTQConfig, ctx: StepContext | None = None) -
             model.set_submodule(name, QuantLinear.from_codes(codes, qp, getattr(layer, "bias", None)))
         return {"block": index, "layers": len(layers)}
 
-    infos = run_layerwise(model, windows, process, ctx)
+    infos = run_on_targets(model, selected, windows, process, ctx)
     return {"layers": sum(i.get("layers", 0) for i in infos), "calib_windows": int(windows.shape[0]),
             "bits": config.bits, "group_size": config.group_size, "symmetric": config.symmetric}

@@ -51,10 +51,7 @@ class MixedConfig(TargetedConfig):
         if not self.choices:
             raise UserError("mixed: choices must list at least one bit width.")
         for bits in self.choices:
-            try:
-                check_scheme(bits, self.group_size)
-            except UserError as exc:
-                raise UserError(f"mixed: {exc}") from None
+            check_scheme(bits, self.group_size, "mixed")
         if self.avg_bits is not None and not min(self.choices) <= self.avg_bits <= max(self.choices):
             raise UserError(f"mixed: avg_bits must lie within choices [{min(self.choices)}, {max(self.choices)}], "
                             f"got {self.avg_bits}.")

@@ -39,13 +39,16 @@ def _is_int(x: object) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def check_scheme(bits: int, group_size: int) -> None:
-    """UserError unless bits is an integer in 2..8 and group_size is -1, 0 or positive."""
+def check_scheme(bits: int, group_size: int, method: str | None = None) -> None:
+    """UserError unless bits is an integer in 2..8 and group_size is -1, 0 or positive; the message
+    starts with `method: ` when a method's config is being checked."""
+    where = f"{method}: " if method else ""
     if not _is_int(bits) or not 2 <= int(bits) <= 8:
-        raise UserError(f"bits must be an integer from 2 to 8, got {bits!r}.")
+        raise UserError(f"{where}bits must be an integer from 2 to 8, got {bits!r}.")
     if not _is_int(group_size) or int(group_size) < -1:
         raise UserError(
-            f"group_size must be -1 (per output channel), 0 (per tensor) or a positive group size, got {group_size!r}."
+            f"{where}group_size must be -1 (per output channel), 0 (per tensor) or a positive group size, "
+            f"got {group_size!r}."
         )
 
 

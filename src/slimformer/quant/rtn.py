@@ -10,7 +10,6 @@ from torch import nn
 
 from slimformer.config import TargetedConfig
 from slimformer.context import StepContext, track
-from slimformer.errors import UserError
 from slimformer.models.layout import select_linears
 from slimformer.quant.qlinear import QuantLinear
 from slimformer.quant.qscheme import check_scheme
@@ -27,10 +26,7 @@ class RTNConfig(TargetedConfig):
     symmetric: bool = False
 
     def __post_init__(self) -> None:
-        try:
-            check_scheme(self.bits, self.group_size)
-        except UserError as exc:
-            raise UserError(f"rtn: {exc}") from None
+        check_scheme(self.bits, self.group_size, "rtn")
 
 
 @register("rtn", RTNConfig, kind="quant")

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimformer.calibrate import block_targets, observe_linears, run_layerwise
+from slimformer.calibrate import observe_linears, run_on_targets
 from slimformer.config import check_range
 from slimformer.context import StepContext
 from slimformer.errors import UserError
@@ -49,10 +49,7 @@ def smoothquant(model: nn.Module, config: SmoothQuantConfig, ctx: StepContext | 
     selected = select_linears(model, config.targets, config.ignore)
     windows = calibration_inputs(ctx, config.num_samples, config.seq_len, "smoothquant")
 
-    def process(index: int, block: nn.Module, inputs) -> dict[str, Any]:
-        layers = block_targets(model, block, selected)
-        if not layers:
-            return {}
+    def process(index: int, block: nn.Module, inputs, layers: dict[str, nn.Module]) -> dict[str, Any]:
         ranges = InputObservers(ChannelRange, "smoothquant")
         observe_linears(block, layers, inputs, ranges)
         groups = ranges.groups(list(layers))
@@ -68,7 +65,7 @@ def smoothquant(model: nn.Module, config: SmoothQuantConfig, ctx: StepContext | 
                 model.set_submodule(name, static_layer(layers[name], w, act_ranges[leader], config, scales[leader]))
         return {"block": index, "layers": len(layers), "clip_ratios": ratios}
 
-    infos = run_layerwise(model, windows, process, ctx)
+    infos = run_on_targets(model, selected, windows, process, ctx)
     return {**finish(model, selected, infos, windows, config), "alpha": config.alpha}
 
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from slimformer.calibrate import block_targets, observe_linears, run_layerwise
+from slimformer.calibrate import SharedInputs, observe_linears, run_on_targets
 from slimformer.config import TargetedConfig
 from slimformer.context import StepContext
 from slimformer.errors import UserError
@@ -64,32 +64,22 @@ class StaticConfig(TargetedConfig):
                 raise UserError(f"{method}: {key} must be a positive integer, got {getattr(self, key)}.")
 
 
-class InputObservers:
+class InputObservers(SharedInputs):
     """`on_input` callback keeping one observer per distinct layer input.
 
-    Layers fed the very same tensor one after another (q/k/v, gate/up; detected as in
-    `HessianCollector`) share one observer, hence one activation scale. `divisors` maps a layer
-    to a per-channel vector its input is divided by before observing (SmoothQuant's x / s).
+    Layers fed the very same tensor one after another (q/k/v, gate/up) share one observer, hence
+    one activation scale. `divisors` maps a layer to a per-channel vector its input is divided by
+    before observing (SmoothQuant's x / s).
     """
 
     def __init__(self, make: Callable[[], Any], method: str, divisors: dict[str, torch.Tensor] | None = None) -> None:
-        self.make, self.method, self.divisors = make, method, divisors or {}
+        super().__init__(method)
+        self.make, self.divisors = make, divisors or {}
         self.observers: dict[str, Any] = {}
-        self.alias: dict[str, str] = {}
-        self._prev: tuple[str, torch.Tensor] | None = None  # held so its memory cannot be reused
 
-    def __call__(self, name: str, x: torch.Tensor) -> None:
-        if self._prev is not None and x.data_ptr() == self._prev[1].data_ptr() and x.shape == self._prev[1].shape:
-            self.alias[name] = self.alias.get(self._prev[0], self._prev[0])
-        else:
-            if not torch.isfinite(x).all():
-                raise UserError(f"{self.method}: non-finite activations (NaN/inf) reach '{name}' on the calibration data.")
-            observer = self.observers.setdefault(name, self.make())
-            observer.update(x / self.divisors[name] if name in self.divisors else x)  # (tokens, in)
-        self._prev = (name, x)
-
-    def leader(self, name: str) -> str:
-        return self.alias.get(name, name)
+    def add(self, name: str, x: torch.Tensor) -> None:
+        observer = self.observers.setdefault(name, self.make())
+        observer.update(x / self.divisors[name] if name in self.divisors else x)  # (tokens, in)
 
     def get(self, name: str) -> Any:
         return self.observers[self.leader(name)]
@@ -138,10 +128,7 @@ def static(model: nn.Module, config: StaticConfig, ctx: StepContext | None = Non
     selected = select_linears(model, config.targets, config.ignore)
     windows = calibration_inputs(ctx, config.num_samples, config.seq_len, "static")
 
-    def process(index: int, block: nn.Module, inputs) -> dict[str, Any]:
-        layers = block_targets(model, block, selected)
-        if not layers:
-            return {}
+    def process(index: int, block: nn.Module, inputs, layers: dict[str, nn.Module]) -> dict[str, Any]:
         observers = InputObservers(lambda: make_observer(config.a_observer, config.percentile), "static")
         observe_linears(block, layers, inputs, observers)
         ratios = []
@@ -152,7 +139,7 @@ def static(model: nn.Module, config: StaticConfig, ctx: StepContext | None = Non
             ratios.append(clip_ratio(observer, act_range))
         return {"block": index, "layers": len(layers), "clip_ratios": ratios}
 
-    infos = run_layerwise(model, windows, process, ctx)
+    infos = run_on_targets(model, selected, windows, process, ctx)
     return finish(model, selected, infos, windows, config)
 
 
