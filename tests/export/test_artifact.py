@@ -84,12 +84,16 @@ def test_smollm_save_load_same_logits(tmp_path, smollm) -> None:
         assert torch.equal(loaded(input_ids=ids).logits, smollm.model(input_ids=ids).logits)
 
 
-def test_dynamic_int8_round_trip(tmp_path) -> None:
+@pytest.mark.parametrize("activations", ["token", "tensor"])
+def test_dynamic_int8_round_trip(tmp_path, activations: str) -> None:
     from slimformer.quant.dynamic import DynamicConfig, dynamic
 
     model = _tiny()
-    dynamic(model, DynamicConfig())
+    dynamic(model, DynamicConfig(activations=activations))
     save_artifact(model, tmp_path, kind="decoder")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert ("act_granularity" in json.dumps(manifest["modules"])) == (activations == "tensor")  # only when not the default
     loaded = load(tmp_path)
-    assert loaded.model.layers[0].mlp.up_proj.dynamic
+    up = loaded.model.layers[0].mlp.up_proj
+    assert up.dynamic and up.act_granularity == activations
     assert torch.equal(_logits(loaded), _logits(model))

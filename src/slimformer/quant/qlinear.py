@@ -2,8 +2,9 @@
 
 By default the forward pass dequantizes (weight-only quantization, simulated in float; real
 low-bit kernels come through export). With `dynamic=True` (8-bit symmetric per-channel weights)
-activations are quantized per token at run time and the product runs in real integer arithmetic
-(`torch._int_mm`, int8 x int8 -> int32). With `act_bits` (static W8A8, SmoothQuant) activations
+activations are quantized at run time and the product runs in real integer arithmetic: per token
+through `torch._int_mm` (int8 x int8 -> int32), or per tensor (`act_granularity="tensor"`) through
+PyTorch's quantized engine (`quantized::linear_dynamic`, uint8 x int8, fast on x86 CPUs). With `act_bits` (static W8A8, SmoothQuant) activations
 are quantized with one calibrated per-tensor scale/zero (`act_scale`, `act_zero`): through
 `torch._int_mm` for 8-bit symmetric weights and activations, simulated in float otherwise.
 Holding the codes, not float weights, is what lets the artifact store them packed.
@@ -16,7 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimformer.models.layout import weight_view
-from slimformer.quant.int8_kernels import fake_quant_static, int8_matmul, quantize_per_token, quantize_static
+from slimformer.quant.int8_kernels import (
+    fake_quant_static, int8_matmul, packed_dynamic_linear, prepack_int8, quantize_per_tensor_asym, quantize_per_token,
+    quantize_static,
+)
 from slimformer.quant.qscheme import QParams, compute_qparams, dequantize, quantize
 
 
@@ -28,14 +32,18 @@ class QuantLinear(nn.Module):
     def __init__(
         self, in_features: int, out_features: int, n_groups: int, *, bits: int, group_size: int,
         symmetric: bool, bias: bool, dynamic: bool = False, input_scaled: bool = False,
-        act_bits: int | None = None, act_symmetric: bool = True,
+        act_bits: int | None = None, act_symmetric: bool = True, act_granularity: str = "token",
     ) -> None:
         super().__init__()
         if dynamic and (input_scaled or act_bits or not (bits == 8 and symmetric and group_size == -1)):
             raise ValueError("dynamic int8 execution needs 8-bit symmetric per-channel weights, unscaled inputs")
+        if act_granularity not in ("token", "tensor") or (act_granularity == "tensor" and not dynamic):
+            raise ValueError(f"act_granularity must be 'token' or 'tensor' (tensor only with dynamic), got {act_granularity!r}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric, self.dynamic = bits, group_size, symmetric, dynamic
+        self.act_granularity = act_granularity
         self._int8_t: torch.Tensor | None = None  # (in, out) int8 copy of the codes for _int_mm
+        self._packed: tuple[tuple[int, ...], object] | None = None  # (buffer versions, quantized-engine weight)
         # False: the same integer product in fp32 matmuls (exact while |acc| < 2^24), for evaluation
         # where torch._int_mm has no fast CPU kernel (AVX2 without VNNI: ~20x slower than fp32)
         self.int_kernel = True
@@ -59,24 +67,27 @@ class QuantLinear(nn.Module):
     @torch.no_grad()
     def from_float(
         cls, module: nn.Module, *, bits: int, group_size: int, symmetric: bool, weight: torch.Tensor | None = None,
-        dynamic: bool = False,
+        dynamic: bool = False, act_granularity: str = "token",
     ) -> "QuantLinear":
         """Quantize a Linear/Conv1D (or an explicit (out, in) `weight`, e.g. from GPTQ) round-to-nearest."""
         w = weight_view(module) if weight is None else weight
         qp = compute_qparams(w.float(), bits, group_size, symmetric)
-        return cls.from_codes(quantize(w.float(), qp), qp, getattr(module, "bias", None), dynamic=dynamic)
+        return cls.from_codes(
+            quantize(w.float(), qp), qp, getattr(module, "bias", None), dynamic=dynamic, act_granularity=act_granularity
+        )
 
     @classmethod
     def from_codes(
         cls, codes: torch.Tensor, qp: QParams, bias: torch.Tensor | None, *, dynamic: bool = False,
         input_scaled: bool = False, act_bits: int | None = None, act_symmetric: bool = True,
+        act_granularity: str = "token",
     ) -> "QuantLinear":
         """Wrap already-computed integer codes and their scales/zeros."""
         out_features, in_features = codes.shape
         layer = cls(
             in_features, out_features, qp.scale.shape[1], bits=qp.bits, group_size=qp.group_size,
             symmetric=qp.symmetric, bias=bias is not None, dynamic=dynamic, input_scaled=input_scaled,
-            act_bits=act_bits, act_symmetric=act_symmetric,
+            act_bits=act_bits, act_symmetric=act_symmetric, act_granularity=act_granularity,
         )
         layer.codes.copy_(codes.to(torch.int16))
         layer.scale.copy_(qp.scale.to(torch.float16))
@@ -96,6 +107,7 @@ class QuantLinear(nn.Module):
             "last_group": self.in_features - (self.scale.shape[1] - 1) * self.group_size if self.group_size > 0 else None,
             # only for static activation quantization, so earlier manifests are unchanged
             **({"act_bits": self.act_bits, "act_symmetric": self.act_symmetric} if self.act_bits else {}),
+            **({"act_granularity": self.act_granularity} if self.act_granularity != "token" else {}),
         }
 
     @classmethod
@@ -106,6 +118,7 @@ class QuantLinear(nn.Module):
             group_size=spec["group_size"], symmetric=spec["symmetric"], bias=spec["bias"],
             dynamic=spec.get("dynamic", False), input_scaled=spec.get("input_scaled", False),
             act_bits=spec.get("act_bits"), act_symmetric=spec.get("act_symmetric", True),
+            act_granularity=spec.get("act_granularity", "token"),
         )
 
     def packed_leaves(self) -> dict[str, tuple[int, int]]:
@@ -131,6 +144,11 @@ class QuantLinear(nn.Module):
         return (self.act_bits == 8 and self.act_symmetric and self.bits == 8 and self.symmetric
                 and self.group_size == -1)
 
+    @property
+    def uses_int_mm(self) -> bool:
+        """True when the integer kernel is `torch._int_mm` (per-token dynamic or static int8)."""
+        return (self.dynamic and self.act_granularity == "token") or self.int8_static
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic:
             return self._int8_forward(x)
@@ -143,11 +161,34 @@ class QuantLinear(nn.Module):
         xq = fake_quant_static(x, self.act_scale.to(x.dtype), self.act_zero, self.act_bits, self.act_symmetric)
         return F.linear(xq, dequantize(self.codes, self.qparams()).to(x.dtype), self.bias)
 
+    def __getstate__(self) -> dict:
+        # the kernel caches are derived from the buffers (and the packed one cannot be copied)
+        return {**self.__dict__, "_int8_t": None, "_packed": None}
+
+    def _packed_weight(self) -> object:
+        """The quantized engine's packed copy of codes/scale/bias, rebuilt when any of them changed."""
+        tensors = (self.codes, self.scale) + ((self.bias,) if self.bias is not None else ())
+        versions = tuple(t._version for t in tensors) + tuple(t.data_ptr() for t in tensors)
+        if self._packed is None or self._packed[0] != versions:
+            self._packed = (versions, prepack_int8(self.codes, self.scale.float().view(-1), self.bias))
+        return self._packed[1]
+
+    def _tensor_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        """Per-tensor dynamic activations: the quantized engine's kernel, or its float emulation."""
+        if self.int_kernel:
+            return packed_dynamic_linear(x2, self._packed_weight())
+        xq, s_x, zero = quantize_per_tensor_asym(x2)
+        acc = (xq - zero) @ self.codes.float().t()  # exact integer accumulator, in fp32
+        y = acc * s_x * self.scale.float().view(1, -1)
+        return y if self.bias is None else y + self.bias
+
     def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y = (round(x / s_x) @ codes^T) * s_x * s_w + b; s_x per token (dynamic) or calibrated."""
+        """y = (round(x / s_x) @ codes^T) * s_x * s_w + b; s_x per token / per tensor (dynamic) or calibrated."""
+        x2 = x.reshape(-1, self.in_features).float()  # (tokens, in)
+        if self.dynamic and self.act_granularity == "tensor":
+            return self._tensor_forward(x2).view(*x.shape[:-1], self.out_features).to(x.dtype)
         if self._int8_t is None or self._int8_t.shape != (self.in_features, self.out_features):
             self._int8_t = self.codes.to(torch.int8).t()  # (in, out) column-major: 2x faster _int_mm on CPU
-        x2 = x.reshape(-1, self.in_features).float()  # (tokens, in)
         if self.dynamic:
             xq, s_x = quantize_per_token(x2)
         else:
@@ -161,5 +202,6 @@ class QuantLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, symmetric={self.symmetric}, dynamic={self.dynamic}"
+            + (f", act_granularity={self.act_granularity}" if self.dynamic else "")
             + (f", act_bits={self.act_bits}" if self.act_bits else "")
         )

@@ -1,0 +1,79 @@
+"""Peak resident memory of the calibration-based methods on smollm2-135m, each in a fresh process.
+
+    python benchmarks/memory.py --json out/memory.json [--methods gptq awq] [--calib-windows 64]
+
+The layer-wise engine keeps one block and its calibration activations in memory, so the peak
+should stay near the fp32 model plus a few hundred MB (issue target: below fp32 size + 2 GB).
+Each method runs in its own interpreter because peak RSS (`ru_maxrss`) never goes down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+RECIPES = {
+    "gptq": "steps: [{method: gptq, bits: 4, group_size: 128, num_samples: %d}]",
+    "awq": "steps: [{method: awq, bits: 4, group_size: 128, num_samples: %d}]",
+    "smoothquant": "steps: [{method: smoothquant, alpha: 0.5, num_samples: %d}]",
+}
+
+# run in a child interpreter: load, measure RSS, compress, measure peak RSS
+CHILD = """
+import json, resource, sys, time
+from slimformer.context import StepContext
+from slimformer.data.sources import load_data
+from slimformer.models.loading import load_bundle
+from slimformer.recipe import Recipe
+from slimformer.registry import get_method
+
+def rss_now():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+bundle = load_bundle("smollm2-135m")
+loaded = rss_now()
+ctx = StepContext(tokenizer=bundle.tokenizer, calib=load_data("lee-news", "calib"), progress=False)
+start = time.perf_counter()
+for step in Recipe.from_yaml(sys.argv[1]).steps:
+    get_method(step.method).apply(bundle.model, step.config, ctx)
+fp32_bytes = sum(p.numel() * 4 for p in load_bundle("smollm2-135m", tokenizer=False).model.parameters())
+print(json.dumps({"rss_after_load_bytes": loaded, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "fp32_model_bytes": fp32_bytes, "compress_s": round(time.perf_counter() - start, 1)}))
+"""
+
+
+def measure(method: str, calib_windows: int) -> dict:
+    """Peak RSS of one method in a fresh interpreter."""
+    out = subprocess.run([sys.executable, "-c", CHILD, RECIPES[method] % calib_windows],
+                         check=True, capture_output=True, text=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["peak_minus_fp32_bytes"] = result["peak_rss_bytes"] - result["fp32_model_bytes"]
+    result["within_target"] = result["peak_minus_fp32_bytes"] < 2 * 1024**3
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default="out/memory.json")
+    parser.add_argument("--methods", nargs="*", default=["gptq", "awq"], choices=sorted(RECIPES))
+    parser.add_argument("--calib-windows", type=int, default=64)
+    args = parser.parse_args()
+    results = {}
+    print("| method | fp32 model (MB) | RSS after load (MB) | peak RSS (MB) | peak - fp32 (MB) | compress (s) |")
+    print("|---|---|---|---|---|---|")
+    for method in args.methods:
+        r = results[method] = measure(method, args.calib_windows)
+        print(f"| {method} W4 g128, {args.calib_windows} calib windows | {r['fp32_model_bytes'] / 1e6:.0f} | "
+              f"{r['rss_after_load_bytes'] / 1e6:.0f} | {r['peak_rss_bytes'] / 1e6:.0f} | "
+              f"{r['peak_minus_fp32_bytes'] / 1e6:.0f} | {r['compress_s']} |", flush=True)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"calib_windows": args.calib_windows, "results": results}, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
