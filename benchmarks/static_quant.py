@@ -69,11 +69,11 @@ def write_distribution(folder: Path, windows: int = 2) -> None:
     """Stats of every linear layer of the fp32 model on `windows` eval windows, plus histograms."""
     bundle = load_bundle("smollm2-135m")
     ids = lm_windows(bundle.tokenizer, load_data("lee-news", "eval").joined(), 512, windows)
-    stats, samples = layer_distributions(bundle.model, ids, keep=PLOTTED)
+    stats, hists = layer_distributions(bundle.model, ids, keep=PLOTTED)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "distribution.json").write_text(json.dumps(stats, indent=1))
     (folder / "distribution.md").write_text(distribution_report(stats) + "\n")
-    plot_distributions(samples, stats, folder / "distribution.png")
+    plot_distributions({"fp32": (hists, stats)}, folder / "distribution.png")
 
 
 def main() -> None:

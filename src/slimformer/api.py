@@ -18,7 +18,8 @@ from slimformer.checkpoint import fingerprint, open_checkpoints
 from slimformer.context import StepContext
 from slimformer.data.sources import load_data
 from slimformer.errors import UserError
-from slimformer.evaluate.measure import DEFAULT_CALIB, EvalSettings, measure, prepare_eval
+from slimformer.evaluate.distribution import Comparison, compare_distributions, distribution_inputs
+from slimformer.evaluate.measure import DEFAULT_CALIB, EvalData, EvalSettings, measure, prepare_eval
 from slimformer.evaluate.report import environment, metrics_table, plot_report, report_markdown
 from slimformer.evaluate.size import folder_bytes
 from slimformer.export.artifact import save_artifact
@@ -85,17 +86,20 @@ def compress(
         raise
     compressed_bundle = ModelBundle(work, bundle.tokenizer, bundle.kind, bundle.name)
     compressed = measure(compressed_bundle, data, settings)
+    dist = _distributions(bundle, work, data, settings) if settings.distribution else None
 
     report = {
         "model": bundle.name, "recipe": recipe.to_dict(), "eval_data": data.name,
         "calib_data": calib or DEFAULT_CALIB[bundle.kind],
         "baseline": baseline, "compressed": compressed, "steps": steps, "environment": environment(),
     }
+    if dist is not None:
+        report["distribution"] = dist.to_json()
     if out_dir is None:
         compressed["size_bytes"] = _saved_bytes(compressed_bundle, recipe)
         report["wall_s"] = round(time.perf_counter() - started, 2)
         return report
-    _write_output(out_dir, compressed_bundle, recipe, report, started, overwrite)
+    _write_output(out_dir, compressed_bundle, recipe, report, started, overwrite, dist)
     if root is not None:
         shutil.rmtree(root, ignore_errors=True)
     return report
@@ -109,6 +113,12 @@ def evaluate(model: str | Path | ModelBundle, eval: str | EvalSettings | None = 
     metrics = measure(bundle, data, settings)
     metrics["size_bytes"] = _source_bytes(bundle)
     return {"model": bundle.name, "eval_data": data.name, "metrics": metrics, "environment": environment()}
+
+
+def _distributions(bundle: ModelBundle, work: nn.Module, data: EvalData, settings: EvalSettings) -> Comparison:
+    """Per-layer weight/activation stats of the input and the compressed model on the same inputs."""
+    ids, mask, inputs = distribution_inputs(bundle.tokenizer, data.windows, data.texts, settings.distribution_windows)
+    return compare_distributions({"baseline": bundle.model.eval(), "compressed": work.eval()}, ids, mask, inputs)
 
 
 def _check_output(output: str | Path | None, overwrite: bool) -> Path | None:
@@ -134,7 +144,8 @@ def _saved_bytes(bundle: ModelBundle, recipe: Recipe | None) -> int:
                              extra={"recipe": recipe.to_dict()} if recipe else None)
 
 
-def _write_output(out: Path, bundle: ModelBundle, recipe: Recipe, report: dict, started: float, overwrite: bool) -> None:
+def _write_output(out: Path, bundle: ModelBundle, recipe: Recipe, report: dict, started: float, overwrite: bool,
+                  dist: Comparison | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -147,6 +158,8 @@ def _write_output(out: Path, bundle: ModelBundle, recipe: Recipe, report: dict, 
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(report_markdown(report))
         plot_report(report, tmp / "report.png")
+        if dist is not None:
+            dist.plot(tmp / "distribution.png")
         if out.exists() and overwrite:
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)

@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted GPTQ/AWQ/... run from its last finished block")
+    c.add_argument("--distribution", action="store_true",
+                   help="per-layer weight/activation stats of the input and compressed model on 2 evaluation "
+                        "windows: a report section and distribution.png")
     eval_options(c)
 
     e = sub.add_parser("evaluate", help="measure a model or a compressed folder")
@@ -51,7 +54,7 @@ def _settings(args: argparse.Namespace):  # -> EvalSettings
     return EvalSettings(
         data=args.eval, max_windows=args.max_windows, latency=not args.no_latency,
         latency_batch=args.latency_batch, latency_seq=args.latency_seq, threads=args.threads,
-        progress=not args.quiet,
+        progress=not args.quiet, distribution=getattr(args, "distribution", False),
     )
 
 

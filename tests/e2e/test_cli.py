@@ -167,3 +167,32 @@ def test_mixed_reports_bits_per_layer(tmp_path, tiny_dirs) -> None:
     assert step["layers"] == 14 and step["avg_bits_chosen"] <= 4.0
     assert sum(step["bits_histogram"].values()) == 14
     assert "bits per layer" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_distribution_section_and_plot(tmp_path, tiny_dirs, family) -> None:
+    recipe = _recipe(tmp_path, "steps:\n  - method: rtn\n    bits: 4\n    group_size: 16\n")
+    out = tmp_path / "out"
+    extra = ["--max-windows", "2"]
+    if family == "bert":
+        data = tmp_path / "labelled.csv"
+        data.write_text("text,label\n" + "\n".join(f"good great fine {i},pos\nbad awful poor {i},neg" for i in range(20)))
+        extra = ["--eval", str(data), "--calib", str(data)]
+    assert main(["compress", str(tiny_dirs[family]), "--recipe", str(recipe), "--output", str(out),
+                 "--distribution", "--no-latency", "--quiet", *extra]) == 0
+    assert (out / "distribution.png").stat().st_size > 10_000
+    dist = json.loads((out / "report.json").read_text())["distribution"]
+    layers = {"llama": 14, "bert": 12}[family]
+    assert dist["layers"] == layers and dist["tokens"] > 0 and 1 <= len(dist["plotted"]) <= 4
+    assert dist["baseline"].keys() == dist["compressed"].keys() and len(dist["baseline"]) == layers
+    # 4-bit codes change every weight matrix; the first block's inputs are the same embeddings
+    name = next(iter(dist["baseline"]))
+    assert dist["compressed"][name]["weight"] != dist["baseline"][name]["weight"]
+    assert dist["compressed"][name]["activation"] == dist["baseline"][name]["activation"]
+
+    section = (out / "report.md").read_text().split("## Weight and activation distributions")[1]
+    summary = [line for line in section.splitlines() if line.startswith(("| w ", "| x "))]
+    assert len(summary) == 5 and all(float(cell) >= 0 for line in summary for cell in line.split("|")[2:6])
+    rows = [line.split("|")[2:-1] for line in section.splitlines() if line.startswith("| `")]
+    assert len(rows) == min(10, layers)
+    assert all(float(a) >= 0 and float(b) >= 0 for row in rows for a, b in (cell.split("→") for cell in row))

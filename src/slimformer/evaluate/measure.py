@@ -13,6 +13,7 @@ import torch
 
 from slimformer.data.sources import TextData, load_data
 from slimformer.data.windows import lm_windows
+from slimformer.errors import UserError
 from slimformer.evaluate.classification import probe
 from slimformer.evaluate.embedding import embed, mean_cosine
 from slimformer.evaluate.latency import measure_latency
@@ -37,6 +38,12 @@ class EvalSettings:
     latency_runs: int = 20
     threads: int | None = None
     progress: bool = True
+    distribution: bool = False  # compress: per-layer weight/activation stats of both models + distribution.png
+    distribution_windows: int = 2  # evaluation windows (encoders: 32 texts each) for those stats
+
+    def __post_init__(self) -> None:
+        if self.distribution_windows < 1:
+            raise UserError(f"distribution_windows must be a positive integer, got {self.distribution_windows}.")
 
 
 @dataclass

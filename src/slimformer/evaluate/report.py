@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"Evaluation data: `{report['eval_data']}`\n\n## Steps\n{steps}\n\n## Metrics\n"
         f"{metrics_table({'baseline': report['baseline'], 'compressed': report['compressed']})}\n\n"
         f"Total wall time: {report['wall_s']:.1f} s\n{_per_layer_sections(report['steps'])}"
+        + (distribution_section(report["distribution"]) if "distribution" in report else "")
     )
 
 
@@ -85,6 +87,61 @@ def _per_layer_sections(steps: list[dict[str, Any]]) -> str:
         rows = "\n".join(f"| `{name}` | {value} |" for name, value in per_layer["values"].items())
         out.append(f"\n## Step {i + 1} (`{step['method']}`): {per_layer['title']}\n\n| layer | value |\n|---|---|\n{rows}\n")
     return "".join(out)
+
+
+# (kind, stat, column label) of the distribution tables
+DIST_COLUMNS = [
+    ("weight", "absmax", "w absmax"),
+    ("weight", "kurtosis", "w kurtosis"),
+    ("activation", "absmax", "x absmax"),
+    ("activation", "kurtosis", "x kurtosis"),
+    ("activation", "channel_ratio", "x channel ratio"),
+]
+
+
+def distribution_section(dist: dict[str, Any], top: int = 10) -> str:
+    """'Weight and activation distributions': median/max of each stat over the layers, baseline and
+    compressed, then the `top` layers by baseline activation channel ratio (from report.json's
+    `distribution`, see `evaluate.distribution.Comparison.to_json`)."""
+    base, comp = dist["baseline"], dist["compressed"]
+    lines = [
+        "\n## Weight and activation distributions\n",
+        f"The {dist['layers']} linear layers in the blocks, input (baseline) and compressed model, on "
+        f"{dist['inputs']} ({dist['tokens']:,} tokens). Kurtosis: 3 for a normal distribution. Channel ratio: "
+        "largest input channel's absmax over the median channel's (high = a few outlier channels, hard for "
+        "per-tensor activation scales). Every layer's stats are in report.json (`distribution`); histograms of "
+        f"{', '.join(f'`{n}`' for n in dist['plotted'])} in distribution.png.\n",
+        "| over all layers | baseline median | baseline max | compressed median | compressed max | max at (baseline) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kind, key, label in DIST_COLUMNS:
+        cells = []
+        for stats in (base, comp):
+            values = [s[kind][key] for s in stats.values() if kind in s and s[kind][key] is not None]
+            cells += [_num(statistics.median(values)), _num(max(values))] if values else ["—", "—"]
+        worst = max((n for n in base if kind in base[n] and base[n][kind][key] is not None),
+                    key=lambda n: base[n][kind][key], default=None)
+        lines.append(f"| {label} | {' | '.join(cells)} | {f'`{worst}`' if worst else '—'} |")
+    ranked = sorted((n for n in base if base[n].get("activation", {}).get("channel_ratio") is not None),
+                    key=lambda n: -base[n]["activation"]["channel_ratio"])[:top]
+    lines += [f"\nTop {len(ranked)} layers by baseline activation channel ratio (baseline → compressed):\n",
+              "| layer | " + " | ".join(label for _, _, label in DIST_COLUMNS) + " |",
+              "|---|" + "---|" * len(DIST_COLUMNS)]
+    for name in ranked:
+        cells = [f"{_dist_cell(base[name], kind, key)} → {_dist_cell(comp.get(name, {}), kind, key)}"
+                 for kind, key, _ in DIST_COLUMNS]
+        lines.append(f"| `{name}` | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _dist_cell(stats: dict[str, Any], kind: str, key: str) -> str:
+    value = stats.get(kind, {}).get(key)
+    return "—" if value is None else _num(value)
+
+
+def _num(value: float) -> str:
+    """3 significant digits, whole numbers from 100 to 99,999, exponent notation beyond."""
+    return f"{value:.0f}" if 100 <= abs(value) < 1e5 else f"{value:.3g}"
 
 
 def plot_report(report: dict[str, Any], path: Path) -> None:
