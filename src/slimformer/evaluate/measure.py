@@ -20,6 +20,7 @@ from slimformer.evaluate.latency import measure_latency
 from slimformer.evaluate.perplexity import perplexity
 from slimformer.evaluate.size import count_params
 from slimformer.models.loading import ModelBundle
+from slimformer.quant.int8_kernels import emulate_int_mm
 
 DEFAULT_EVAL = {"decoder": "lee-news", "encoder": "tweets"}
 DEFAULT_CALIB = {"decoder": "lee-news", "encoder": "tweets"}
@@ -86,10 +87,14 @@ def measure(bundle: ModelBundle, data: EvalData, settings: EvalSettings) -> dict
     start = time.perf_counter()
     model = bundle.model.eval()
     metrics: dict[str, Any] = {**count_params(model)}
-    if bundle.kind == "decoder":
-        metrics.update(perplexity(model, data.windows, progress=settings.progress))
-    else:
-        metrics.update(_encoder_quality(bundle, data, settings))
+    # quality: _int_mm layers as their exact fp32 form (same numbers; see emulate_int_mm)
+    with emulate_int_mm(model) as emulated:
+        if bundle.kind == "decoder":
+            metrics.update(perplexity(model, data.windows, progress=settings.progress))
+        else:
+            metrics.update(_encoder_quality(bundle, data, settings))
+    if emulated:
+        metrics["quality_int_mm_emulated_layers"] = emulated
     if settings.latency:
         vocab = bundle.model.config.vocab_size
         metrics.update(
