@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.slimformer-installed
 
-.PHONY: demo test test-all bench
+.PHONY: demo test test-all bench peers
 
 $(STAMP): pyproject.toml requirements-assets.txt
 	python3 -m venv $(VENV)
@@ -25,3 +25,9 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/baseline.py --json out/baseline.json
+
+# Peer libraries for benchmarks/peers.py (not part of `make test` or CI). --no-deps: their own
+# requirements would replace the pinned CPU torch; requirements-peers.txt pins what they import.
+peers: $(STAMP)
+	$(PY) -m pip install -q --no-deps -r requirements-peers.txt
+	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
