@@ -19,6 +19,7 @@ A peer that is not installed, or fails, gets a "cannot run: <reason>" row; the s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib
 import json
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
 # llm-compressor logs every layer through loguru; read when it is imported. (Its _DISABLED switch
 # would break GPTQ, which then logs at a level that was never registered.)
@@ -162,15 +164,21 @@ def llmc_gptq(group: int, bypass: bool = False) -> PeerFn:
     return run
 
 
-def llmc_awq(group: int) -> PeerFn:
-    """AWQModifier (n_grid 20, its default duo scaling) then W4 asymmetric RTN with the found scales."""
+def llmc_awq(group: int, unpinned: bool = False) -> PeerFn:
+    """AWQModifier (n_grid 20, its default duo scaling) then W4 asymmetric RTN with the found scales.
+    unpinned: with the cache's pin_memory made a no-op. llm-compressor 0.14's AWQ always pins its
+    cached activations, which a CPU-only torch refuses; pinning only speeds up copies to a GPU."""
 
     def run(model: nn.Module, bench: Bench) -> tuple[Any, list[str]]:
         from llmcompressor.modifiers.transform.awq import AWQModifier
+        from llmcompressor.pipelines.cache import IntermediatesCache
 
         recipe = [AWQModifier(n_grid=20), _quant_modifier(_ct_scheme(_ct_weights(4, group, False)))]
-        _oneshot(model, bench, recipe, calibrate=True)
-        return model, ["scales folded into the preceding norms/linears (duo_scaling=True)"]
+        no_pin = mock.patch.object(IntermediatesCache, "pin_memory", lambda *args, **kwargs: None)
+        with no_pin if unpinned else contextlib.nullcontext():
+            _oneshot(model, bench, recipe, calibrate=True)
+        notes = ["scales folded into the preceding norms/linears (duo_scaling=True)"]
+        return model, notes + (["IntermediatesCache.pin_memory patched to a no-op"] if unpinned else [])
 
     return run
 
@@ -476,6 +484,8 @@ SETTINGS = (
     )),
     Setting("awq-g64", "awq w4 g64 asym", (w4("awq", 64, CALIB),), (
         Peer(LLMC, "llm-compressor AWQModifier + QuantizationModifier", llmc_awq(64)),
+        Peer(LLMC, "llm-compressor AWQModifier + QuantizationModifier (pin_memory patched out)",
+             llmc_awq(64, unpinned=True)),
     )),
     Setting("rtn-g64", "rtn w4 g64 asym", (w4("rtn", 64),), (
         Peer(LLMC, "llm-compressor QuantizationModifier", llmc_rtn(64)),
