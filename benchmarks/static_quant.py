@@ -5,7 +5,7 @@
 
 Every variant starts from the same fp32 model in the same process. Perplexity runs the W8A8
 layers' integer products as fp32 matmuls (`set_int_kernel(model, False)`: same numbers, while CPU
-`torch._int_mm` without VNNI is ~20x slower than fp32). `--distribution DIR` also
+`torch._int_mm` was measured ~30x slower than fp32 on this AVX2 machine). `--distribution DIR` also
 writes per-layer weight/activation stats of the fp32 model (distribution.json, distribution.md)
 and histograms of a few layers (distribution.png).
 """
@@ -58,7 +58,7 @@ def run(max_windows: int, num_samples: int, only: list[str] | None) -> dict[str,
             for s in Recipe.from_yaml(f"steps: [{step}]").steps:
                 get_method(s.method).apply(model, s.config, ctx)
         wall = time.perf_counter() - start
-        set_int_kernel(model, False)  # same integer products as fp32 matmuls: CPU _int_mm is ~20x slower
+        set_int_kernel(model, False)  # same integer products as fp32 matmuls: CPU _int_mm is ~30x slower here
         ppl = perplexity(model, windows, progress=False)["ppl"]
         results[name] = {"ppl": ppl, "compress_s": round(wall, 1)}
         print(f"{name:28s} ppl {ppl:8.3f}  compress {wall:6.1f} s", flush=True)

@@ -29,7 +29,7 @@ def _ctx(bundle) -> StepContext:
 
 
 def _ppl(model, windows) -> float:
-    set_int_kernel(model, False)  # same integer products as fp32 matmuls: CPU _int_mm is ~20x slower
+    set_int_kernel(model, False)  # same integer products as fp32 matmuls: CPU _int_mm is ~30x slower here
     try:
         return perplexity(model, windows, progress=False)["ppl"]
     finally:
