@@ -3,7 +3,7 @@
 Weights are 8-bit symmetric per output channel, so y = (x_q @ W_q^T) * s_x * s_w + b is exact
 up to the final float scaling. Two integer kernels:
 - `torch._int_mm` (int8 x int8 -> int32) for per-token or calibrated per-tensor activation scales.
-  On this project's CPU it is slow (~4 GOP/s measured on its's AVX2
+  On this project's CPU it is slow (~4 GOP/s measured on its AVX2
   machine vs ~120 GFLOP/s fp32), so evaluation can run the same integer product as fp32 matmuls.
 - PyTorch's quantized engine (`quantized::linear_dynamic`: fbgemm/oneDNN on x86, QNNPACK on ARM):
   uint8 activations with one asymmetric scale per call, chosen at run time from the input's
