@@ -8,8 +8,13 @@ Variants, each on a fresh copy of the same fp32 model:
 - slimformer `dynamic` with `activations: token` (per-token scales, `torch._int_mm`; its latency is
   timed on fewer runs, `--int-mm-runs`, because `_int_mm` is a slow reference loop on CPUs
   without VNNI; its quality is measured on the exact fp32 form of the same integer product),
-- the peer `torch.ao.quantization.quantize_dynamic` (qint8 Linear, the same engine).
-Speedups are ratios to the fp32 latency measured in this run.
+- the peer `torch.ao.quantization.quantize_dynamic` (qint8 Linear, the same engine),
+- onnxruntime: the fp32 model exported to ONNX, our `dynamic` layers exported with our int8 codes
+  and scales (`slimformer.export.onnx`: DynamicQuantizeLinear + MatMulInteger for per-tensor
+  activations, per-row int8 for per-token), and the peer `onnxruntime.quantization.quantize_dynamic`
+  applied to the fp32 ONNX file (per-channel int8 weights). Export time counts in
+  `compress_s`, not in latency.
+Speedups are ratios to the torch fp32 latency measured in this run.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -26,6 +32,7 @@ import torch
 from torch import nn
 
 from slimformer.evaluate.measure import EvalSettings, measure, prepare_eval
+from slimformer.export.onnx import OrtModel, export_onnx
 from slimformer.models.loading import ModelBundle, load_bundle
 from slimformer.quant.dynamic import DynamicConfig, dynamic
 
@@ -43,11 +50,39 @@ def _ours(activations: str) -> Callable[[nn.Module], nn.Module]:
     return apply
 
 
+_WORKDIR = Path(tempfile.mkdtemp(prefix="slimformer-encoder-int8-"))
+THREADS = 2  # set from --threads before any variant runs
+
+
+def _onnx(then: Callable[[nn.Module], nn.Module] | None, name: str) -> Callable[[nn.Module], nn.Module]:
+    """Compress with `then` (or not), export to ONNX, return the onnxruntime session as a model."""
+    def apply(model: nn.Module) -> nn.Module:
+        config = model.config
+        model = then(model) if then else model
+        path = export_onnx(model, "encoder", _WORKDIR / f"{name}.onnx")["path"]
+        return OrtModel(path, "encoder", config=config, threads=THREADS)
+    return apply
+
+
+def _ort_quantize_dynamic(model: nn.Module) -> nn.Module:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    config = model.config
+    fp32 = export_onnx(model, "encoder", _WORKDIR / "peer-fp32.onnx")["path"]
+    out = _WORKDIR / "peer-ort-dynamic.onnx"
+    quantize_dynamic(fp32, str(out), weight_type=QuantType.QInt8, per_channel=True)
+    return OrtModel(out, "encoder", config=config, threads=THREADS)
+
+
 VARIANTS: dict[str, Callable[[nn.Module], nn.Module] | None] = {
     "fp32": None,
     "slimformer dynamic, per-tensor activations (quantized engine)": _ours("tensor"),
     "slimformer dynamic, per-token activations (torch._int_mm)": _ours("token"),
     "peer: torch.ao quantize_dynamic (qint8)": _torch_quantize_dynamic,
+    "onnxruntime fp32": _onnx(None, "fp32"),
+    "onnxruntime: slimformer dynamic, per-tensor activations": _onnx(_ours("tensor"), "ours-tensor"),
+    "onnxruntime: slimformer dynamic, per-token activations": _onnx(_ours("token"), "ours-token"),
+    "peer: onnxruntime quantize_dynamic (QInt8, per-channel)": _ort_quantize_dynamic,
 }
 
 
@@ -96,6 +131,8 @@ def main() -> None:
     parser.add_argument("--int-mm-runs", type=int, default=3, help="latency runs for the _int_mm variant")
     parser.add_argument("--only", nargs="*", help="substrings of variant names (fp32 always runs)")
     args = parser.parse_args()
+    global THREADS
+    THREADS = args.threads
     results = run(args.threads, args.runs, args.int_mm_runs, args.only)
     print("\n" + table(results))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
