@@ -115,6 +115,45 @@ def evaluate(model: str | Path | ModelBundle, eval: str | EvalSettings | None = 
     return {"model": bundle.name, "eval_data": data.name, "metrics": metrics, "environment": environment()}
 
 
+def export(
+    model: str | Path | ModelBundle, output: str | Path, *, format: str = "onnx", overwrite: bool = False,  # noqa: A002
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Export a model (alias, HF folder or compressed folder) to `output` and check the file against
+    the PyTorch model on real inputs (built-in evaluation text: 2 windows of 128 tokens for decoders,
+    16 tweets for encoders). Returns {path, bytes, seconds, layers_swapped, opset, parity}."""
+    from slimformer.export.onnx import OrtModel, export_onnx, parity
+
+    if format != "onnx":
+        raise UserError(f"unknown export format {format!r}; supported: onnx.")
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be a positive integer, got {threads}.")
+    out = Path(output).expanduser()
+    if out.exists() and (out.is_dir() or not overwrite):
+        raise UserError(f"output '{out}' already exists; choose another path or pass --overwrite.")
+    bundle = load_bundle(model) if not isinstance(model, ModelBundle) else model
+    ids, mask = _parity_inputs(bundle)
+    info = export_onnx(bundle.model, bundle.kind, out)
+    info["parity"] = parity(bundle.model, OrtModel(out, bundle.kind, threads=threads), ids, mask)
+    return {"model": bundle.name, "kind": bundle.kind, **info}
+
+
+def _parity_inputs(bundle: ModelBundle) -> tuple[Any, Any]:
+    """Real token ids and mask for the export check (UserError without a tokenizer)."""
+    import torch
+
+    from slimformer.data.windows import lm_windows
+
+    if bundle.tokenizer is None:
+        raise UserError(f"model '{bundle.name}' has no tokenizer: the export check needs one.")
+    if bundle.kind == "decoder":
+        ids = lm_windows(bundle.tokenizer, load_data("lee-news", "eval").joined(), 128, 2)
+        return ids, torch.ones_like(ids)
+    enc = bundle.tokenizer(list(load_data("tweets", "eval").texts[:16]), padding=True, truncation=True,
+                           max_length=128, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
 def _distributions(bundle: ModelBundle, work: nn.Module, data: EvalData, settings: EvalSettings) -> Comparison:
     """Per-layer weight/activation stats of the input and the compressed model on the same inputs."""
     ids, mask, inputs = distribution_inputs(bundle.tokenizer, data.windows, data.texts, settings.distribution_windows)

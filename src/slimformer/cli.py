@@ -41,6 +41,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="alias, Hugging Face folder, or slimformer output folder")
     e.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     eval_options(e)
+
+    x = sub.add_parser("export", help="export a model or compressed folder for another runtime (ONNX)")
+    x.add_argument("model", help="alias, Hugging Face folder, or slimformer output folder")
+    x.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
+    x.add_argument("--output", required=True, help="output file (written atomically)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    x.add_argument("--threads", type=int, help="onnxruntime threads for the parity check")
+    x.add_argument("--json", metavar="FILE", help="also write the export summary as JSON")
     return parser
 
 
@@ -78,6 +86,15 @@ def _run(args: argparse.Namespace) -> int:
         result = api.evaluate(args.model, _settings(args))
         print(f"\n{result['model']} on {result['eval_data']}:\n")
         print(metrics_table({result["model"]: result["metrics"]}))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+    elif args.command == "export":
+        result = api.export(args.model, args.output, format=args.format, overwrite=args.overwrite, threads=args.threads)
+        p = result["parity"]
+        print(f"wrote {result['path']}: {result['bytes'] / 1e6:.1f} MB, opset {result['opset']}, "
+              f"{result['layers_swapped']} quantized layers exported, {result['seconds']} s")
+        print(f"onnxruntime vs PyTorch on real inputs: cosine {p['cosine']:.6f}, max |error| {p['max_abs_err']:.3g}, "
+              f"mean |error| {p['mean_abs_err']:.3g}")
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

@@ -116,3 +116,20 @@ class OrtModel(nn.Module):
         feeds = {"input_ids": input_ids.cpu().numpy(), "attention_mask": attention_mask.cpu().numpy()}
         out = torch.from_numpy(self.session.run(None, feeds)[0])
         return SimpleNamespace(logits=out) if self.kind == "decoder" else SimpleNamespace(last_hidden_state=out)
+
+
+@torch.inference_mode()
+def parity(model: nn.Module, ort_model: OrtModel, ids: Tensor, mask: Tensor) -> dict[str, float]:
+    """How closely the onnxruntime session reproduces the PyTorch model on (ids, mask): cosine of the
+    flattened outputs, max and mean absolute error over the positions the mask keeps."""
+    from slimformer.quant.int8_kernels import emulate_int_mm
+
+    field = "logits" if ort_model.kind == "decoder" else "last_hidden_state"
+    with emulate_int_mm(model):  # the same integer products, in fp32 (see int8_kernels)
+        ref = getattr(model(input_ids=ids, attention_mask=mask), field).float()
+    got = getattr(ort_model(input_ids=ids, attention_mask=mask), field).float()
+    keep = mask.bool()
+    ref, got = ref[keep], got[keep]
+    err = (got - ref).abs()
+    cosine = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0)
+    return {"cosine": round(float(cosine), 6), "max_abs_err": float(err.max()), "mean_abs_err": float(err.mean())}
