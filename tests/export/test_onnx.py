@@ -63,9 +63,9 @@ def test_fp32_export_matches_torch(tmp_path, kind: str) -> None:
     assert info["layers_swapped"] == 0 and info["bytes"] == (tmp_path / "model.onnx").stat().st_size
 
 
-def test_weight_only_export_keeps_ragged_groups(tmp_path) -> None:
+def test_weight_only_3bit_exports_dense_dequantized(tmp_path) -> None:
     model = _llama()
-    rtn(model, RTNConfig(bits=4, group_size=16))  # 40 = 2 x 16 + 8: a smaller last group
+    rtn(model, RTNConfig(bits=3, group_size=16))  # 40 = 2 x 16 + 8: a smaller last group
     ref, got, info = _round_trip(model, "decoder", tmp_path)
     assert info["layers_swapped"] == 14
     assert (got - ref).abs().max().item() < 1e-4  # the exact dequantized weights, in fp32
@@ -121,3 +121,24 @@ def test_bad_export_arguments(tmp_path) -> None:
     with pytest.raises(UserError, match="decoder and encoder"):
         export_onnx(_bert(), "seq2seq", tmp_path / "model.onnx")
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_weight_only_exports_matmulnbits(tmp_path, symmetric: bool) -> None:
+    model = _llama()
+    rtn(model, RTNConfig(bits=4, group_size=16, symmetric=symmetric))  # 40 = 2 x 16 + 8; 72 = 4 x 16 + 8
+    ref, got, info = _round_trip(model, "decoder", tmp_path)
+    assert info["layers_swapped"] == 14
+    assert (got - ref).abs().max().item() < 1e-4
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    assert [n.op_type for n in graph.node].count("MatMulNBits") == 14
+    dense = _llama()
+    rtn(dense, RTNConfig(bits=4, group_size=16, symmetric=symmetric))
+    dense_info = export_onnx(dense, "decoder", tmp_path / "dense.onnx", int4=False)
+    assert info["bytes"] < dense_info["bytes"]  # the packed codes, not fp32 weights, are in the file
+
+
+def test_pack_nibbles_low_first() -> None:
+    from slimformer.export.onnx_ops import pack_nibbles
+
+    assert pack_nibbles(torch.tensor([[1, 2, 15, 0]])).tolist() == [[0x21, 0x0F]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from slimformer.quant.awq_math import awq_search, channel_scales, output_error
+from slimformer.quant.awq_math import awq_search, channel_scales, output_error, weight_mean
 from slimformer.quant.qlinear import QuantLinear
 from slimformer.quant.qscheme import fake_quantize
 
@@ -24,7 +24,7 @@ def test_scales_normalised() -> None:
 
 def test_awq_beats_rtn_with_salient_channels() -> None:
     w, x = _outlier_inputs()
-    s, alpha, ratio = awq_search(w, x.T @ x, x.abs().mean(0), 3, 32, False)
+    s, alpha, ratio, _ = awq_search(w, x.T @ x, x.abs().mean(0), 3, 32, False)
     assert alpha > 0 and ratio < 0.8
     w_awq = fake_quantize(w * s, 3, 32, False)[0] / s
     w_rtn = fake_quantize(w, 3, 32, False)[0]
@@ -47,3 +47,21 @@ def test_input_scaled_layer_computes_the_scaled_weight() -> None:
     layer.input_scale.copy_(s)
     expected = x @ (fake_quantize(w * s, 4, 32, False)[0] / s).T
     assert torch.allclose(layer(x), expected, atol=1e-4)
+
+
+def test_duo_candidates_never_lose_to_plain() -> None:
+    w, x = _outlier_inputs()
+    w[:, 100:] *= 5  # channels whose weights are large: the duo family can scale them down
+    h, act = x.T @ x, x.abs().mean(0)
+    plain = awq_search(w, h, act, 3, 32, False, duo=False)
+    both = awq_search(w, h, act, 3, 32, False, duo=True)
+    assert not plain[3] and both[2] <= plain[2]
+
+
+def test_weight_mean_per_group_with_a_short_last_group() -> None:
+    w = torch.tensor([[1.0, -2.0, 4.0, 1.0, 3.0], [2.0, 2.0, 1.0, -1.0, 6.0]])
+    # groups of 2 over 5 columns: {0, 1}, {2, 3}, {4}; |w| / group max, averaged over the rows
+    expected = torch.tensor([(0.5 + 1.0) / 2, (1.0 + 1.0) / 2, (1.0 + 1.0) / 2, (0.25 + 1.0) / 2, 1.0])
+    assert torch.allclose(weight_mean(w, 2), expected)
+    assert torch.allclose(weight_mean(w, -1), torch.tensor([(0.25 + 1 / 3) / 2, (0.5 + 1 / 3) / 2, (1.0 + 1 / 6) / 2,
+                                                             (0.25 + 1 / 6) / 2, (0.75 + 1.0) / 2]))

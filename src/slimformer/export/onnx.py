@@ -42,12 +42,12 @@ class _Wrapped(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-def onnx_ready(model: nn.Module) -> tuple[nn.Module, int]:
+def onnx_ready(model: nn.Module, *, int4: bool = True) -> tuple[nn.Module, int]:
     """A copy of `model` with each slimformer layer replaced by its ONNX form; (copy, layers swapped)."""
     model = copy.deepcopy(model).eval()
     swaps = []
     for name, module in model.named_modules():
-        form = export_form(module)
+        form = export_form(module, int4=int4)
         if form is not None:
             swaps.append((name, form))
     for name, form in swaps:
@@ -56,8 +56,10 @@ def onnx_ready(model: nn.Module) -> tuple[nn.Module, int]:
     return model, len(swaps)
 
 
-def export_onnx(model: nn.Module, kind: str, path: str | Path, *, seq: int = 16) -> dict[str, Any]:
+def export_onnx(model: nn.Module, kind: str, path: str | Path, *, seq: int = 16, int4: bool = True) -> dict[str, Any]:
     """Write `model` (decoder or encoder) to `path` as ONNX; returns {path, bytes, seconds, layers}.
+
+    int4=False writes 4-bit weight-only layers as dense fp32 MatMuls instead of MatMulNBits.
 
     The file is written beside `path` under a temporary name and renamed, so a failed export
     leaves nothing behind."""
@@ -67,7 +69,7 @@ def export_onnx(model: nn.Module, kind: str, path: str | Path, *, seq: int = 16)
     if not path.parent.is_dir():
         raise UserError(f"output folder '{path.parent}' does not exist.")
     start = time.perf_counter()
-    ready, swapped = onnx_ready(model)
+    ready, swapped = onnx_ready(model, int4=int4)
     vocab = _vocab_size(model)
     ids = torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
@@ -79,7 +81,7 @@ def export_onnx(model: nn.Module, kind: str, path: str | Path, *, seq: int = 16)
             warnings.simplefilter("ignore")  # the tracer's warnings about Python control flow, a screen of them
             torch.onnx.export(_Wrapped(ready, kind), (ids, mask), str(tmp), dynamo=False, opset_version=OPSET,
                               input_names=["input_ids", "attention_mask"], output_names=["output"],
-                              dynamic_axes=axes)
+                              dynamic_axes=axes, custom_opsets={"com.microsoft": 1})
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

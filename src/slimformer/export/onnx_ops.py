@@ -9,6 +9,9 @@ while tracing runs `forward` (the same numbers in float):
 - dynamic int8, per-token activations: per-row absmax scale, Round/Clip/Cast to int8, MatMulInteger;
 - static W8A8 (calibrated activation scale; static/SmoothQuant): QuantizeLinear/DequantizeLinear
   pairs on activations and weights (QDQ), which onnxruntime runs as int8 kernels;
+- 4-bit weight-only with groups of 16, 32, 64, ... (RTN/GPTQ/AWQ): onnxruntime's `MatMulNBits`
+  (com.microsoft) holding our codes two per byte with our fp16 scales and zero points, a smaller
+  last group included (576 = 4 x 128 + 64); AWQ's input scale becomes a multiply before it;
 - anything else (weight-only codes, codebooks, simulated activation bits): a plain Linear with the
   exact dequantized weight, which computes the same values in fp32.
 """
@@ -19,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from slimformer.quant.int8_kernels import quantize_per_tensor_asym, quantize_per_token
+from slimformer.quant.qlinear import QuantLinear
 
 _ONNX_FLOAT = 1  # TensorProto.FLOAT
 _ONNX_INT8 = 3  # TensorProto.INT8
@@ -76,6 +80,63 @@ class _StaticInt8(torch.autograd.Function):
         return g.op("Add", g.op("MatMul", xdq, wdq), bias)
 
 
+class _MatMulNBits(torch.autograd.Function):
+    """y = x @ dequant(codes)^T + b, blockwise 4-bit: onnxruntime's MatMulNBits."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor,  # noqa: ANN001
+                weight: Tensor, k: int, n: int, block: int) -> Tensor:
+        return x @ weight.t() + bias
+
+    @staticmethod
+    def symbolic(g, x, packed, scales, zeros, bias, weight, k: int, n: int, block: int):  # noqa: ANN001, ANN205
+        y = g.op("com.microsoft::MatMulNBits", x, packed, scales, zeros, K_i=k, N_i=n, bits_i=4, block_size_i=block)
+        return g.op("Add", y, bias)
+
+
+def pack_nibbles(values: Tensor) -> Tensor:
+    """(..., 2m) integers in [0, 15] -> (..., m) uint8, the first of each pair in the low nibble."""
+    v = values.to(torch.uint8)
+    return v[..., 0::2] | (v[..., 1::2] << 4)
+
+
+class OnnxInt4Linear(nn.Module):
+    """Export form of a 4-bit weight-only QuantLinear: MatMulNBits with our codes and scales."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        out_f, in_f, block = layer.out_features, layer.in_features, layer.group_size
+        n_blocks = layer.scale.shape[1]
+        offset = 8 if layer.symmetric else 0  # signed codes [-8, 7] -> unsigned [0, 15], zero point 8
+        codes = torch.zeros(out_f, n_blocks * block, dtype=torch.int16)  # the short last block padded with 0
+        codes[:, :in_f] = layer.codes + offset
+        self.register_buffer("packed", pack_nibbles(codes.view(out_f, n_blocks, block)))
+        self.register_buffer("scales", layer.scale.float().reshape(-1).clone())  # (N * n_blocks,)
+        zeros = (layer.zero.to(torch.int16) + offset).clamp(0, 15)
+        zeros = torch.cat([zeros, torch.zeros(out_f, n_blocks % 2, dtype=torch.int16)], dim=1)  # whole bytes per row
+        self.register_buffer("zeros", pack_nibbles(zeros).reshape(-1))
+        self.register_buffer("b", _bias(layer))
+        scaled = layer.input_scale is not None
+        # AWQ: the codes quantize W * s, so the layer computes (x / s) dequant^T
+        self.register_buffer("inv_s", (1.0 / layer.input_scale.float()) if scaled else torch.ones(0))
+        self.register_buffer("weight", (layer.dequantized_weight() * (layer.input_scale if scaled else 1.0)).float(),
+                             persistent=False)  # for tracing only; not in the ONNX file
+        self.k, self.n, self.block = in_f, out_f, block
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.inv_s.numel():
+            x = x * self.inv_s
+        return _MatMulNBits.apply(x, self.packed, self.scales, self.zeros, self.b, self.weight, self.k, self.n,
+                                  self.block)
+
+
+def nbits_ready(layer: nn.Module) -> bool:
+    """True when MatMulNBits can hold the layer: 4-bit codes in groups of a power of two >= 16."""
+    g = getattr(layer, "group_size", 0)
+    return (isinstance(layer, QuantLinear) and layer.bits == 4 and g >= 16 and g & (g - 1) == 0
+            and not layer.dynamic and not layer.act_bits)
+
+
 class OnnxDynamicLinear(nn.Module):
     """Export form of a dynamic int8 QuantLinear."""
 
@@ -125,10 +186,13 @@ def dense_linear(layer: nn.Module) -> nn.Linear:
     return out
 
 
-def export_form(layer: nn.Module) -> nn.Module | None:
-    """The module that replaces a slimformer layer for export (None: leave it as it is)."""
+def export_form(layer: nn.Module, *, int4: bool = True) -> nn.Module | None:
+    """The module that replaces a slimformer layer for export (None: leave it as it is).
+    int4=False writes 4-bit weight-only layers as dense fp32 weights instead of MatMulNBits."""
     if not getattr(layer, "is_slimformer_linear", False):
         return None
+    if int4 and nbits_ready(layer):
+        return OnnxInt4Linear(layer)
     if getattr(layer, "dynamic", False):
         return OnnxDynamicLinear(layer)
     if getattr(layer, "int8_static", False):

@@ -23,12 +23,14 @@ from slimformer.registry import register
 @dataclass(frozen=True)
 class AWQConfig(TargetedConfig):
     """bits/group_size/symmetric as in `rtn`. grid: alpha values tried in [0, 1] (grid + 1 of them).
+    duo: also try scales divided by the weight's per-channel magnitude (see awq_math).
     num_samples/seq_len: calibration windows (DESIGN default: 64 x 512)."""
 
     bits: int = 4
     group_size: int = 128
     symmetric: bool = False
     grid: int = 20
+    duo: bool = True
     num_samples: int = 64
     seq_len: int = 512
 
@@ -73,12 +75,14 @@ def awq(model: nn.Module, config: AWQConfig, ctx: StepContext | None = None) -> 
     def process(index: int, block: nn.Module, inputs, layers: dict[str, nn.Module]) -> dict[str, Any]:
         alphas: list[float] = []
         ratios: list[float] = []
+        duos = 0
         stats = _ActivationStats()
         observe_linears(block, layers, inputs, stats)
         for name, layer in layers.items():
             w = weight_view(layer).float()
-            s, alpha, ratio = awq_search(w, stats.get(name), stats.mean_abs(name), config.bits,
-                                         config.group_size, config.symmetric, config.grid)
+            s, alpha, ratio, duo = awq_search(w, stats.get(name), stats.mean_abs(name), config.bits,
+                                              config.group_size, config.symmetric, config.grid, config.duo)
+            duos += duo
             rounded = QuantLinear.from_float(layer, bits=config.bits, group_size=config.group_size,
                                              symmetric=config.symmetric, weight=w * s)
             q = QuantLinear.from_codes(rounded.codes, rounded.qparams(), getattr(layer, "bias", None),
@@ -87,7 +91,7 @@ def awq(model: nn.Module, config: AWQConfig, ctx: StepContext | None = None) -> 
             model.set_submodule(name, q)
             alphas.append(alpha)
             ratios.append(ratio)
-        return {"block": index, "layers": len(layers), "alphas": alphas, "ratios": ratios}
+        return {"block": index, "layers": len(layers), "alphas": alphas, "ratios": ratios, "duo": duos}
 
     infos = run_on_targets(model, selected, windows, process, ctx)
     alphas = [a for i in infos for a in i.get("alphas", [])]
@@ -95,4 +99,5 @@ def awq(model: nn.Module, config: AWQConfig, ctx: StepContext | None = None) -> 
     n = max(1, len(alphas))
     return {"layers": sum(i.get("layers", 0) for i in infos), "calib_windows": int(windows.shape[0]),
             "bits": config.bits, "group_size": config.group_size, "symmetric": config.symmetric,
-            "mean_alpha": round(sum(alphas) / n, 3), "mean_error_vs_rtn": round(sum(ratios) / n, 3)}
+            "mean_alpha": round(sum(alphas) / n, 3), "mean_error_vs_rtn": round(sum(ratios) / n, 3),
+            "duo_layers": sum(i.get("duo", 0) for i in infos)}

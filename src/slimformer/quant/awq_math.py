@@ -3,7 +3,10 @@
 Channels that carry large activations matter most; multiplying their weight columns by
 s_j = mean|x_j|^alpha before quantization (and dividing the input by s_j) shrinks their relative
 rounding error. alpha is searched on a grid per layer to minimise the layer's output error on
-calibration inputs. Pure tensor functions; the model walking lives in `awq.py`.
+calibration inputs. With `duo`, a second family of candidates also divides by the weight's own
+per-channel magnitude, s_j = mean|x_j|^alpha / mean|w_j|^(1 - alpha) (as llm-compressor's
+`duo_scaling`), and the better of the two is kept. Pure tensor functions; the model walking lives
+in `awq.py`.
 """
 
 from __future__ import annotations
@@ -20,31 +23,54 @@ def channel_scales(act_mean: Tensor, alpha: float) -> Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
+def weight_mean(w: Tensor, group_size: int) -> Tensor:
+    """Per input channel: mean over output rows of |w| relative to its group's max |w| (in,)."""
+    a = w.abs().float()
+    out_f, in_f = a.shape
+    if group_size <= 0:
+        peak = a.amax(dim=1, keepdim=True)
+    else:  # groups along the input dimension, the last one possibly smaller
+        group = (torch.arange(in_f) // group_size).expand(out_f, in_f)
+        gmax = torch.zeros(out_f, int(group[0, -1]) + 1).scatter_reduce_(1, group, a, "amax")
+        peak = gmax.gather(1, group)
+    return (a / peak.clamp(min=1e-12)).mean(dim=0)
+
+
 def output_error(dw: Tensor, h: Tensor) -> Tensor:
     """Output-error energy of a weight change: sum_t |dW x_t|^2 = tr(dW H dW^T), up to H's scale."""
     return ((dw @ h) * dw).sum()
 
 
 def awq_search(
-    w: Tensor, h: Tensor, act_mean: Tensor, bits: int, group_size: int, symmetric: bool, grid: int = 20
-) -> tuple[Tensor, float, float]:
+    w: Tensor, h: Tensor, act_mean: Tensor, bits: int, group_size: int, symmetric: bool, grid: int = 20,
+    duo: bool = True,
+) -> tuple[Tensor, float, float, bool]:
     """Best per-channel scales for w (out, in) given the input second moment h = X^T X (in, in).
 
-    Scoring with h instead of the raw calibration rows makes each alpha cost out*in^2 flops however
-    many tokens were seen. Returns (scales (in,), best alpha, error ratio best / alpha=0), alpha=0
-    being plain RTN (so the ratio is never above 1).
+    Scoring with h instead of the raw calibration rows makes each candidate cost out*in^2 flops
+    however many tokens were seen. Returns (scales (in,), best alpha, error ratio best / RTN, whether
+    the duo form won); alpha=0 of the plain family is RTN itself, so the ratio is never above 1.
     """
     w, h = w.float(), h.float()
-    best: tuple[Tensor, float, float] | None = None
+    families = [(False, torch.ones_like(act_mean))]
+    if duo:
+        families.append((True, weight_mean(w, group_size)))
+    best: tuple[Tensor, float, float, bool] | None = None
     base_err = 0.0
-    for i in range(grid + 1):
-        alpha = i / grid
-        s = channel_scales(act_mean, alpha)
-        w_hat = fake_quantize(w * s, bits, group_size, symmetric)[0] / s
-        err = output_error(w_hat - w, h).item()
-        if i == 0:
-            base_err = err
-        if best is None or err < best[2]:
-            best = (s, alpha, err)
+    for is_duo, w_mean in families:
+        for i in range(grid + 1):
+            alpha = i / grid
+            if is_duo and alpha == 1.0:
+                continue  # the same candidate as the plain family's alpha = 1
+            s = channel_scales(act_mean, alpha)
+            if is_duo:
+                s = s / w_mean.clamp(min=1e-5).pow(1.0 - alpha)
+                s = s / (s.max() * s.min()).sqrt()
+            w_hat = fake_quantize(w * s, bits, group_size, symmetric)[0] / s
+            err = output_error(w_hat - w, h).item()
+            if not is_duo and i == 0:
+                base_err = err
+            if best is None or err < best[2]:
+                best = (s, alpha, err, is_duo)
     assert best is not None
-    return best[0], best[1], best[2] / base_err if base_err > 0 else 1.0
+    return best[0], best[1], best[2] / base_err if base_err > 0 else 1.0, best[3]
