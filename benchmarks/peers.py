@@ -2,7 +2,7 @@
 
     make peers   # once: llm-compressor, torchao, optimum-quanto, onnxruntime (requirements-peers.txt)
     .venv/bin/python benchmarks/peers.py --json out/peers.json [--max-windows N] [--calib-windows N]
-        [--only gptq-g64 llm-compressor ...]
+        [--only gptq-g64 llm-compressor ...] [--skip Prototype ...]
 
 Same protocol on both sides of every row (DESIGN "Evaluation protocol", as in
 benchmarks/quantization.py): perplexity with `slimformer.evaluate.perplexity` on the same
@@ -615,6 +615,9 @@ def run(plan: list[tuple[Setting, list[Peer]]], bench: Bench) -> list[dict[str, 
     for setting, peers in plan:
         ours = run_ours(setting, bench)
         print(f"[{setting.key}] ours: ppl {ours['ppl']:.2f}, {ours['compress_s']} s", flush=True)
+        if not peers:
+            rows.append({"setting": setting.label, "key": setting.key, "ours": ours, "peer": "—", "library": None,
+                         "error": "not run (--ours-only)"})
         for peer in peers:
             result = run_peer(peer, bench)
             rows.append({"setting": setting.label, "key": setting.key, "ours": ours, "peer": peer.label,
@@ -656,9 +659,12 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, help="perplexity on the first N evaluation windows only")
     parser.add_argument("--calib-windows", type=int, default=64, help="calibration windows of 512 tokens (default 64)")
     parser.add_argument("--only", nargs="*", help="setting keys and/or library names to run")
+    parser.add_argument("--skip", nargs="*", default=[], help="leave out peers whose label contains any of these")
+    parser.add_argument("--ours-only", action="store_true", help="run our side of the selected settings only")
     args = parser.parse_args()
     transformers.utils.logging.disable_progress_bar()
-    plan = selected(args.only)
+    plan = [(s, [p for p in peers if not any(k in p.label for k in args.skip)]) for s, peers in selected(args.only)]
+    plan = [(s, [] if args.ours_only else peers) for s, peers in plan if peers]
     with tempfile.TemporaryDirectory(prefix="slimformer-peers-") as tmp:
         bench = prepare(args.max_windows, args.calib_windows, Path(tmp))
         fp32 = perplexity(bench.model, bench.eval_windows, progress=False)["ppl"]
