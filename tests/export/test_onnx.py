@@ -142,3 +142,19 @@ def test_pack_nibbles_low_first() -> None:
     from slimformer.export.onnx_ops import pack_nibbles
 
     assert pack_nibbles(torch.tensor([[1, 2, 15, 0]])).tolist() == [[0x21, 0x0F]]
+
+
+def test_int4_awq_input_scale_exports(tmp_path) -> None:
+    model = _llama()
+    torch.manual_seed(2)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            s = torch.rand(module.in_features) + 0.5  # AWQ's per-input-channel scales
+            q = QuantLinear.from_float(module, bits=4, group_size=16, symmetric=False, weight=module.weight * s)
+            layer = QuantLinear.from_codes(q.codes, q.qparams(), module.bias, input_scaled=True)
+            layer.input_scale.copy_(s)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
+    ref, got, info = _round_trip(model, "decoder", tmp_path)
+    assert info["layers_swapped"] == 14
+    assert (got - ref).abs().max().item() < 1e-4
