@@ -50,7 +50,7 @@ def _ours(activations: str) -> Callable[[nn.Module], nn.Module]:
     return apply
 
 
-_WORKDIR = Path(tempfile.mkdtemp(prefix="slimformer-encoder-int8-"))
+_WORKDIR = Path(tempfile.gettempdir())  # main() points this at a temporary folder removed after the run
 THREADS = 2  # set from --threads before any variant runs
 
 
@@ -131,9 +131,11 @@ def main() -> None:
     parser.add_argument("--int-mm-runs", type=int, default=3, help="latency runs for the _int_mm variant")
     parser.add_argument("--only", nargs="*", help="substrings of variant names (fp32 always runs)")
     args = parser.parse_args()
-    global THREADS
+    global THREADS, _WORKDIR
     THREADS = args.threads
-    results = run(args.threads, args.runs, args.int_mm_runs, args.only)
+    with tempfile.TemporaryDirectory(prefix="slimformer-encoder-int8-") as tmp:  # the ONNX files go with it
+        _WORKDIR = Path(tmp)
+        results = run(args.threads, args.runs, args.int_mm_runs, args.only)
     print("\n" + table(results))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"threads": args.threads, "torch": torch.__version__, "results": results}, indent=2))

@@ -52,18 +52,17 @@ def awq_search(
     the duo form won); alpha=0 of the plain family is RTN itself, so the ratio is never above 1.
     """
     w, h = w.float(), h.float()
-    families = [(False, torch.ones_like(act_mean))]
-    if duo:
-        families.append((True, weight_mean(w, group_size)))
+    families: list[Tensor | None] = [None] + ([weight_mean(w, group_size)] if duo else [])  # None: plain
     best: tuple[Tensor, float, float, bool] | None = None
     base_err = 0.0
-    for is_duo, w_mean in families:
+    for w_mean in families:
+        is_duo = w_mean is not None
         for i in range(grid + 1):
             alpha = i / grid
             if is_duo and alpha == 1.0:
                 continue  # the same candidate as the plain family's alpha = 1
             s = channel_scales(act_mean, alpha)
-            if is_duo:
+            if w_mean is not None:
                 s = s / w_mean.clamp(min=1e-5).pow(1.0 - alpha)
                 s = s / (s.max() * s.min()).sqrt()
             w_hat = fake_quantize(w * s, bits, group_size, symmetric)[0] / s
