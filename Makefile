@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/slimformer compress smollm2-135m --recipe recipes/default.yaml --output out/default --overwrite
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
