@@ -9,6 +9,7 @@ import torch
 import transformers
 
 from slimformer.api import load
+from slimformer.errors import UserError
 from slimformer.export.artifact import WEIGHTS, save_artifact
 from slimformer.prune.magnitude import MagnitudeConfig, magnitude
 from slimformer.quant.rtn import RTNConfig, rtn
@@ -97,3 +98,109 @@ def test_dynamic_int8_round_trip(tmp_path, activations: str) -> None:
     up = loaded.model.layers[0].mlp.up_proj
     assert up.dynamic and up.act_granularity == activations
     assert torch.equal(_logits(loaded), _logits(model))
+
+
+# --- integrity: checksums of every file, the manifest's own digest, format versions ---
+
+
+def _saved(tmp_path, **extra):
+    model = _tiny()
+    rtn(model, RTNConfig(bits=4, group_size=16))
+    save_artifact(model, tmp_path, kind="decoder", extra=extra or None)
+    return tmp_path
+
+
+def _rewrite_manifest(folder, **changes) -> None:
+    """Edit the manifest and re-seal it, as a future slimformer (or a careful hand) would."""
+    from slimformer.export.artifact import MANIFEST_DIGEST, manifest_digest
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.update(changes)
+    manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_manifest_round_trip(tmp_path) -> None:
+    from slimformer.export.artifact import read_manifest
+
+    recipe = {"steps": [{"method": "rtn", "bits": 4, "group_size": 16}]}
+    model = _tiny()
+    rtn(model, RTNConfig(bits=4, group_size=16))
+    tensors_before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    save_artifact(model, tmp_path, kind="decoder", extra={"recipe": recipe, "source_model": "tiny"})
+    manifest = read_manifest(tmp_path)
+    assert manifest["recipe"] == recipe and manifest["source_model"] == "tiny"
+    assert manifest["format_version"] == 1 and manifest["kind"] == "decoder"
+    assert set(manifest["sha256"]) == {"model.safetensors", "config.json"}
+    untied = set(tensors_before) - set(manifest["tied"])
+    assert set(manifest["tensors"]) == untied
+    assert all(tuple(manifest["tensors"][k]["shape"]) == tensors_before[k] for k in untied)
+    assert manifest["tensors"]["model.layers.1.self_attn.o_proj.codes"] == {
+        "encoding": "packed", "bits": 4, "offset": 0, "shape": [40, 40], "dtype": "int16"}
+    assert manifest["modules"]["model.layers.1.mlp.down_proj"]["group_size"] == 16
+
+
+def test_tokenizer_files_are_checksummed(tmp_path, minilm_bundle) -> None:
+    model = _tiny()
+    save_artifact(model, tmp_path, kind="decoder", tokenizer=minilm_bundle.tokenizer)
+    sums = json.loads((tmp_path / "manifest.json").read_text())["sha256"]
+    assert {"tokenizer.json", "tokenizer_config.json", "config.json", "model.safetensors"} <= set(sums)
+    assert all(len(v) == 64 for v in sums.values())
+
+
+def _flip_byte(path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at % len(data)] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_weight", "flip_header", "flip_config", "delete_config"])
+def test_damaged_files_are_refused(tmp_path, damage: str) -> None:
+    folder = _saved(tmp_path)
+    weights = folder / WEIGHTS
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "flip_weight":
+        _flip_byte(weights, -100)  # inside the tensor data: the file still parses
+    elif damage == "flip_header":
+        _flip_byte(weights, 20)
+    elif damage == "flip_config":
+        _flip_byte(folder / "config.json", 40)
+    else:
+        (folder / "config.json").unlink()
+    with pytest.raises(UserError, match=r"(corrupted|missing).*re-create"):
+        load(folder)
+
+
+def test_damage_is_caught_without_checksums(tmp_path) -> None:
+    """An artifact whose manifest lists no checksum for the weights is refused, never half-loaded."""
+    folder = _saved(tmp_path)
+    _rewrite_manifest(folder, sha256={})
+    with pytest.raises(UserError, match="no sha256"):
+        load(folder)
+
+
+def test_edited_manifest_is_detected(tmp_path) -> None:
+    folder = _saved(tmp_path)
+    text = (folder / "manifest.json").read_text()
+    (folder / "manifest.json").write_text(text.replace('"bits": 4', '"bits": 3', 1))
+    with pytest.raises(UserError, match="manifest.json' is corrupted.*re-create"):
+        load(folder)
+    (folder / "manifest.json").write_text(text[: len(text) // 2])  # truncated JSON
+    with pytest.raises(UserError, match="corrupted.*re-create"):
+        load(folder)
+
+
+@pytest.mark.parametrize("version, words", [
+    (2, ["version 2", "up to 1", "upgrade"]),
+    ("1.0", ["'1.0'", "1 to 1"]),
+    (1.5, ["1.5", "1 to 1"]),
+    (None, ["None", "1 to 1"]),
+    (0, ["version 0", "1 to 1"]),
+])
+def test_unknown_format_versions_are_refused(tmp_path, version, words: list[str]) -> None:
+    folder = _saved(tmp_path)
+    _rewrite_manifest(folder, format_version=version)
+    with pytest.raises(UserError) as info:
+        load(folder)
+    assert all(w in str(info.value) for w in words), str(info.value)

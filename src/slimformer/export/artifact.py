@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slimformer.errors import UserError
+from slimformer.models.structure import apply_structure, describe_structure
 from slimformer.quant.lut_linear import LUTLinear
 from slimformer.quant.packing import pack_bitmask, pack_codes, unpack_bitmask, unpack_codes
 from slimformer.quant.qlinear import QuantLinear
@@ -35,6 +37,8 @@ FORMAT = "slimformer"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
+CONFIG = "config.json"
+MANIFEST_DIGEST = "manifest_sha256"  # sha256 of the manifest's canonical JSON without this key
 
 
 def save_artifact(
@@ -45,8 +49,9 @@ def save_artifact(
     tensors, encodings, tied = _encode_state(model)
     save_file(tensors, str(folder / WEIGHTS), metadata={"format": FORMAT})
     model.config.save_pretrained(folder)
+    written = [WEIGHTS, CONFIG]
     if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+        written += [Path(f).name for f in tokenizer.save_pretrained(folder) if Path(f).parent == folder]
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -55,11 +60,14 @@ def save_artifact(
         "modules": {name: {"class": type(m).__name__, **m.spec()} for name, m in _stored_modules(model).items()},
         "tensors": encodings,
         "tied": tied,
-        "sha256": {WEIGHTS: _sha256(folder / WEIGHTS)},
+        "structure": describe_structure(model),  # per-block heads/neurons: pruned models may be non-uniform
+        # every file loading relies on; the manifest seals itself with MANIFEST_DIGEST
+        "sha256": {name: _sha256(folder / name) for name in sorted(set(written)) if (folder / name).is_file()},
         **(extra or {}),
     }
+    manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return sum((folder / f).stat().st_size for f in (WEIGHTS, MANIFEST, "config.json"))
+    return sum((folder / f).stat().st_size for f in (WEIGHTS, MANIFEST, CONFIG))
 
 
 def _stored_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -150,42 +158,83 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys), its own digest left out."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
-    """Parse and check the manifest of an artifact folder (format, version)."""
+    """Parse and check the manifest of an artifact folder: format, version, its own digest."""
+    path = Path(folder) / MANIFEST
     try:
-        manifest = json.loads((Path(folder) / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"'{folder}/{MANIFEST}' is unreadable: {exc}") from None
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"'{folder}' is not a slimformer artifact (manifest format {manifest.get('format')!r}).")
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"'{path}' is unreadable or corrupted ({exc}): re-create the artifact.") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise UserError(f"'{folder}' is not a slimformer artifact (manifest format {found!r}, expected {FORMAT!r}).")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise UserError(
+            f"'{folder}' has artifact format version {version!r}, not a known one: this slimformer reads "
+            f"integer versions 1 to {FORMAT_VERSION}. The manifest is damaged or was not written by slimformer."
+        )
+    if version > FORMAT_VERSION:
         raise UserError(
             f"'{folder}' was written in artifact format version {version}, newer than this slimformer "
             f"reads (up to {FORMAT_VERSION}); upgrade slimformer."
         )
+    expected = manifest.get(MANIFEST_DIGEST)
+    if expected is not None and expected != manifest_digest(manifest):
+        raise UserError(f"'{path}' is corrupted (its sha256 does not match the digest it records): re-create the artifact.")
     return manifest
 
 
-def load_artifact(folder: Path) -> tuple[nn.Module, str]:
-    """Rebuild (model, kind) from an artifact folder, verifying its checksum; never unpickles."""
+def verify_artifact(folder: Path) -> dict[str, Any]:
+    """Read the manifest and check every file it lists against its sha256; returns the manifest.
+
+    A missing, truncated or altered file is a UserError telling the user to re-create the artifact."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    sums = manifest.get("sha256")
+    if not isinstance(sums, dict) or WEIGHTS not in sums:
+        raise UserError(f"'{folder}/{MANIFEST}' lists no sha256 for {WEIGHTS}: the manifest is damaged; re-create the artifact.")
+    for name, expected in sums.items():
+        path = folder / name
+        if not path.is_file():
+            raise UserError(f"'{path}' is missing: the artifact is incomplete; re-create it.")
+        if _sha256(path) != expected:
+            raise UserError(f"'{path}' is corrupted (sha256 mismatch: the file was truncated or altered); re-create the artifact.")
+    return manifest
+
+
+def load_artifact(folder: Path, *, verified: dict[str, Any] | None = None) -> tuple[nn.Module, str]:
+    """Rebuild (model, kind) from an artifact folder, verifying its checksums; never unpickles.
+
+    `verified`: the manifest `verify_artifact` already returned for this folder (skips hashing twice)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = verified if verified is not None else verify_artifact(folder)
     weights = folder / WEIGHTS
-    expected = manifest.get("sha256", {}).get(WEIGHTS)
-    if not weights.exists() or (expected and _sha256(weights) != expected):
-        raise UserError(f"'{weights}' is missing or corrupted (checksum mismatch): re-create the artifact.")
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     loader = AutoModelForCausalLM if manifest["kind"] == "decoder" else AutoModel
     model = loader.from_config(config, dtype=torch.float32)
+    if manifest.get("structure"):  # shrink to the pruned sizes before any weight is loaded
+        apply_structure(model, manifest["structure"])
     for name, spec in manifest["modules"].items():
         if spec.get("class") not in MODULE_CLASSES:
             raise UserError(f"'{folder}': module '{name}' has class {spec.get('class')!r}, unknown to this slimformer; upgrade it.")
         model.set_submodule(name, MODULE_CLASSES[spec["class"]].from_spec(spec))
-    stored = load_file(str(weights))
-    state = {key: _decode(stored, key, manifest["tensors"]) for key in manifest["tensors"]}
+    try:
+        stored = load_file(str(weights))
+        state = {key: _decode(stored, key, manifest["tensors"]) for key in manifest["tensors"]}
+    except (SafetensorError, KeyError, RuntimeError, ValueError) as exc:
+        if isinstance(exc, UserError):
+            raise
+        raise UserError(f"'{weights}' is corrupted or does not match its manifest ({type(exc).__name__}: {exc}); "
+                        "re-create the artifact.") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     untied = set(missing) - set(manifest["tied"])
     if untied or unexpected:

@@ -59,12 +59,14 @@ def load_bundle(spec: str | Path, *, tokenizer: bool = True) -> ModelBundle:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve_folder(spec)
-    tokenizer = _tokenizer(AutoTokenizer, folder) if tokenizer else None
     if (folder / "manifest.json").exists():
-        from slimformer.export.artifact import load_artifact
+        from slimformer.export.artifact import load_artifact, verify_artifact
 
-        model, kind = load_artifact(folder)
+        manifest = verify_artifact(folder)  # checksums first: a damaged tokenizer file is reported as such
+        tokenizer = _tokenizer(AutoTokenizer, folder) if tokenizer else None
+        model, kind = load_artifact(folder, verified=manifest)
         return ModelBundle(model, tokenizer, kind, str(spec), folder)
+    tokenizer = _tokenizer(AutoTokenizer, folder) if tokenizer else None
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except (ValueError, OSError) as exc:
