@@ -117,15 +117,18 @@ def evaluate(model: str | Path | ModelBundle, eval: str | EvalSettings | None = 
 
 def export(
     model: str | Path | ModelBundle, output: str | Path, *, format: str = "onnx", overwrite: bool = False,  # noqa: A002
-    threads: int | None = None,
+    threads: int | None = None, dtype: str = "float32",
 ) -> dict[str, Any]:
     """Export a model (alias, HF folder or compressed folder) to `output` and check the file against
     the PyTorch model on real inputs (built-in evaluation text: 2 windows of 128 tokens for decoders,
-    16 tweets for encoders). Returns {path, bytes, seconds, layers_swapped, opset, parity}."""
+    16 tweets for encoders). Returns {path, bytes, seconds, layers_swapped, opset, parity}.
+    format="hf": a plain Hugging Face folder instead (see `save_hf`; `dtype` applies there)."""
     from slimformer.export.onnx import OrtModel, export_onnx, parity
 
+    if format == "hf":
+        return save_hf(model, output, dtype=dtype, overwrite=overwrite)
     if format != "onnx":
-        raise UserError(f"unknown export format {format!r}; supported: onnx.")
+        raise UserError(f"unknown export format {format!r}; supported: onnx, hf.")
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be a positive integer, got {threads}.")
     out = Path(output).expanduser()
@@ -136,6 +139,48 @@ def export(
     info = export_onnx(bundle.model, bundle.kind, out)
     info["parity"] = parity(bundle.model, OrtModel(out, bundle.kind, threads=threads), ids, mask)
     return {"model": bundle.name, "kind": bundle.kind, **info}
+
+
+def save_hf(
+    model: str | Path | ModelBundle | nn.Module, output: str | Path, *, dtype: str = "float32", overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write a plain Hugging Face folder (model.safetensors + config + tokenizer) that `transformers`
+    loads without slimformer: quantized layers as dense weights in `dtype` (float32, float16,
+    bfloat16), input scales folded in, activation quantization dropped (listed in the result's
+    `activation_quantization_dropped` and `warnings`). The folder is read back with plain
+    transformers and compared with this model on real inputs (`parity`, when a tokenizer is known).
+    UserError for models whose config cannot describe them (e.g. non-uniform structural pruning)."""
+    import torch
+
+    from slimformer.export.hf import save_hf_folder
+    from slimformer.models.loading import model_kind
+
+    if isinstance(model, nn.Module):
+        bundle = ModelBundle(model, None, model_kind(model.config), type(model).__name__)
+    else:
+        bundle = load_bundle(model) if not isinstance(model, ModelBundle) else model
+    info = save_hf_folder(bundle.model, bundle.tokenizer, Path(output), dtype=dtype, overwrite=overwrite)
+    if bundle.tokenizer is not None:
+        ids, mask = _parity_inputs(bundle)
+        plain = load_bundle(info["path"], tokenizer=False).model.float()
+        with torch.inference_mode():
+            info["parity"] = _output_parity(bundle, plain, ids, mask)
+    return {"model": bundle.name, "kind": bundle.kind, **info}
+
+
+def _output_parity(bundle: ModelBundle, other: nn.Module, ids: Any, mask: Any) -> dict[str, float]:
+    """Cosine and max/mean |error| of `other`'s outputs vs the bundle's model, over unmasked positions."""
+    import torch
+
+    from slimformer.quant.int8_kernels import emulate_int_mm
+
+    field = "logits" if bundle.kind == "decoder" else "last_hidden_state"
+    with emulate_int_mm(bundle.model):
+        ref = getattr(bundle.model(input_ids=ids, attention_mask=mask), field).float()[mask.bool()]
+    got = getattr(other(input_ids=ids, attention_mask=mask), field).float()[mask.bool()]
+    err = (got - ref).abs()
+    cosine = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0)
+    return {"cosine": round(float(cosine), 6), "max_abs_err": float(err.max()), "mean_abs_err": float(err.mean())}
 
 
 def _parity_inputs(bundle: ModelBundle) -> tuple[Any, Any]:
@@ -218,4 +263,4 @@ def summary_table(report: dict[str, Any]) -> str:
     return metrics_table({"baseline": report["baseline"], "compressed": report["compressed"]})
 
 
-__all__ = ["compress", "evaluate", "load", "summary_table"]
+__all__ = ["compress", "evaluate", "export", "load", "save_hf", "summary_table"]

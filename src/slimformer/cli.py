@@ -42,11 +42,15 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     eval_options(e)
 
-    x = sub.add_parser("export", help="export a model or compressed folder for another runtime (ONNX)")
+    x = sub.add_parser("export", help="export a model or compressed folder for another runtime (ONNX) or as a "
+                                      "plain Hugging Face folder")
     x.add_argument("model", help="alias, Hugging Face folder, or slimformer output folder")
-    x.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
-    x.add_argument("--output", required=True, help="output file (written atomically)")
-    x.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    x.add_argument("--format", default="onnx", choices=["onnx", "hf"],
+                   help="onnx: one .onnx file; hf: a plain Hugging Face folder with dequantized weights (default: onnx)")
+    x.add_argument("--output", required=True, help="output file (onnx) or folder (hf), written atomically")
+    x.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="weight dtype of an hf folder (default: float32)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output")
     x.add_argument("--threads", type=int, help="onnxruntime threads for the parity check")
     x.add_argument("--json", metavar="FILE", help="also write the export summary as JSON")
     return parser
@@ -86,6 +90,19 @@ def _run(args: argparse.Namespace) -> int:
         result = api.evaluate(args.model, _settings(args))
         print(f"\n{result['model']} on {result['eval_data']}:\n")
         print(metrics_table({result["model"]: result["metrics"]}))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+    elif args.command == "export" and args.format == "hf":
+        result = api.export(args.model, args.output, format="hf", overwrite=args.overwrite, dtype=args.dtype)
+        print(f"wrote {result['path']}: {result['bytes'] / 1e6:.1f} MB, {result['dtype']} weights, "
+              f"{result['layers_dequantized']} quantized layers dequantized, "
+              f"{result['input_scales_folded']} input scales folded into weights")
+        for warning in result["warnings"]:
+            print(f"warning: {warning}")
+        if "parity" in result:
+            p = result["parity"]
+            print(f"plain transformers vs slimformer on real inputs: cosine {p['cosine']:.6f}, "
+                  f"max |error| {p['max_abs_err']:.3g}")
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2))
     elif args.command == "export":
