@@ -25,6 +25,7 @@ _BUILTIN_MODULES = (
     "slimformer.quant.static",
     "slimformer.quant.smoothquant",
     "slimformer.quant.nonlinear",
+    "slimformer.quant.qat",
 )
 
 
