@@ -53,6 +53,21 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help="replace an existing output")
     x.add_argument("--threads", type=int, help="onnxruntime threads for the parity check")
     x.add_argument("--json", metavar="FILE", help="also write the export summary as JSON")
+
+    b = sub.add_parser("bench", help="latency and throughput of one or more models (torch or onnxruntime)")
+    b.add_argument("models", nargs="+", metavar="MODEL_OR_DIR",
+                   help="alias, Hugging Face folder, slimformer output folder, or .onnx file (onnxruntime)")
+    b.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"],
+                   help="torch, or onnxruntime (folders are exported to a temporary ONNX file first)")
+    b.add_argument("--batch", type=int, default=1, help="forward batch size (default 1)")
+    b.add_argument("--seq", type=int, default=128, help="forward sequence length (default 128)")
+    b.add_argument("--threads", type=int, help="threads (default: torch's current setting)")
+    b.add_argument("--runs", type=int, default=20, help="timed runs; the median is reported (default 20)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
+    b.add_argument("--prefill", type=int, default=512,
+                   help="decoders: prefill length, and the context of per-token decode (default 512; 0 skips)")
+    b.add_argument("--compare", action="store_true", help="one side-by-side table with ratios to the first model")
+    b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     return parser
 
 
@@ -83,6 +98,8 @@ def _run(args: argparse.Namespace) -> int:
             args.model, Path(args.recipe), calib=args.calib, eval=_settings(args),
             output=args.output, overwrite=args.overwrite, progress=not args.quiet, resume=args.resume,
         )
+        if "compressed" not in report:  # a torchrun rank other than 0: rank 0 reports and writes
+            return 0
         print(f"\n{report['model']} on {report['eval_data']}:\n")
         print(api.summary_table(report))
         print(f"\nwrote {args.output} in {report['wall_s']:.1f} s")
@@ -92,6 +109,21 @@ def _run(args: argparse.Namespace) -> int:
         print(metrics_table({result["model"]: result["metrics"]}))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2))
+    elif args.command == "bench":
+        from slimformer.evaluate.bench import BenchSettings, bench, compare_table
+
+        settings = BenchSettings(runtime=args.runtime, batch=args.batch, seq=args.seq, threads=args.threads,
+                                 runs=args.runs, warmup=args.warmup, prefill=args.prefill)
+        if args.json and not Path(args.json).expanduser().parent.is_dir():
+            raise UserError(f"--json: folder '{Path(args.json).parent}' does not exist.")
+        report = bench(args.models, settings, progress=print)
+        if args.compare:
+            print("\n" + compare_table(report))
+        else:
+            for result in report["results"]:
+                print("\n" + compare_table({"settings": report["settings"], "results": [result]}, ratios=False))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
     elif args.command == "export" and args.format == "hf":
         result = api.export(args.model, args.output, format="hf", overwrite=args.overwrite, dtype=args.dtype)
         print(f"wrote {result['path']}: {result['bytes'] / 1e6:.1f} MB, {result['dtype']} weights, "

@@ -23,3 +23,38 @@ def test_export_hf_folder(tmp_path, tiny_dirs, capsys) -> None:
     assert "already exists" in capsys.readouterr().err
     assert main(["export", str(tiny_dirs["llama"]), "--format", "hf", "--output", str(tmp_path / "a" / "b")]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf.json", "plain"]
+
+
+def test_bench_compare_torch_and_onnx(tmp_path, tiny_dirs, capsys) -> None:
+    onnx_file, summary = tmp_path / "llama.onnx", tmp_path / "bench.json"
+    assert main(["export", str(tiny_dirs["llama"]), "--output", str(onnx_file)]) == 0
+    assert main(["bench", str(tiny_dirs["llama"]), str(onnx_file), "--runtime", "onnxruntime", "--runs", "3",
+                 "--warmup", "1", "--seq", "16", "--prefill", "16", "--compare", "--json", str(summary)]) == 0
+    out = capsys.readouterr().out
+    assert "forward median (ms)" in out and "ratio to the first column" in out
+    first, second = json.loads(summary.read_text())["results"]
+    assert first["decode"]["runs"] == 3  # the folder is exported with a key/value cache
+    assert "decode" not in second and "re-export" in second["decode_note"]  # a plain export has none
+
+
+def test_bench_encoder_torch(tmp_path, tiny_dirs, capsys) -> None:
+    assert main(["bench", str(tiny_dirs["bert"]), "--runs", "2", "--warmup", "0", "--batch", "4", "--seq", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "forward tokens/s" in out and "decode" not in out
+
+
+def test_bench_bad_inputs_exit_2(tmp_path, tiny_dirs, capsys) -> None:
+    fake = tmp_path / "fake.onnx"
+    fake.write_bytes(b"not onnx")
+    cases = [
+        [str(tmp_path / "missing")],
+        [str(tiny_dirs["llama"]), "--batch", "0"],
+        [str(fake)],  # an .onnx file with the default torch runtime
+        [str(fake), "--runtime", "onnxruntime"],  # not a model
+        [str(tmp_path / "missing.onnx"), "--runtime", "onnxruntime"],
+        [str(tiny_dirs["llama"]), "--json", str(tmp_path / "no" / "b.json")],
+    ]
+    for args in cases:
+        assert main(["bench", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("slimformer: error:") and "Traceback" not in err, err

@@ -1,0 +1,55 @@
+"""`evaluate.bench`: timing statistics, settings validation, and a tiny decoder in both runtimes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from slimformer.errors import UserError
+from slimformer.evaluate.bench import BenchSettings, bench, compare_table, latency_stats, time_calls
+
+
+def test_latency_stats_exact() -> None:
+    stats = latency_stats([4.0, 2.0, 10.0, 3.0, 5.0], tokens=64)
+    assert stats == {"median_ms": 4.0, "min_ms": 2.0, "max_ms": 10.0, "tokens_per_s": 16000.0, "runs": 5}
+
+
+def test_time_calls_skips_warmup() -> None:
+    calls = []
+    times = time_calls(lambda: calls.append(1), runs=4, warmup=2)
+    assert len(calls) == 6 and len(times) == 4 and all(t >= 0 for t in times)
+
+
+@pytest.mark.parametrize("bad", [{"batch": 0}, {"runs": 0}, {"seq": -1}, {"threads": 0}, {"warmup": -1},
+                                 {"prefill": -2}, {"runtime": "tensorrt"}])
+def test_bad_settings(bad: dict) -> None:
+    with pytest.raises(UserError):
+        BenchSettings(**bad)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    folder = tmp_path_factory.mktemp("bench") / "llama"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_bench_decoder(tiny_llama, runtime: str) -> None:
+    settings = BenchSettings(runtime=runtime, batch=2, seq=16, runs=3, warmup=1, prefill=8, threads=1)
+    threads = torch.get_num_threads()
+    report = bench([str(tiny_llama), str(tiny_llama)], settings)
+    assert torch.get_num_threads() == threads  # restored
+    first, second = report["results"]
+    assert first["runtime"] == runtime and first["kind"] == "decoder" and first["threads"] == 1
+    assert first["forward"]["runs"] == 3 and first["decode"]["runs"] == 3 and first["decode"]["context"] == 8
+    f = first["forward"]
+    assert f["min_ms"] <= f["median_ms"] <= f["max_ms"]
+    assert f["tokens_per_s"] == pytest.approx(32 / (f["median_ms"] / 1e3), rel=1e-3)
+    assert first["prefill"]["median_ms"] > 0 and second["size_bytes"] > 0
+    table = compare_table(report)
+    assert "decode median (ms/token)" in table and table.count("×)") == 6  # ratios in the second column
