@@ -145,16 +145,25 @@ def _num(value: float) -> str:
 
 
 def plot_report(report: dict[str, Any], path: Path) -> None:
-    """Bar charts of quality, size and latency, baseline vs compressed."""
+    """Bar charts of quality, size and latency, baseline vs compressed; below them, when all three
+    were measured, the Pareto view (quality vs size, quality vs latency; `evaluate.pareto`)."""
     from matplotlib.figure import Figure  # the Figure API touches no global pyplot state
+
+    from slimformer.evaluate.pareto import pareto_panels
 
     base, comp = report["baseline"], report["compressed"]
     quality = "ppl" if "ppl" in base else "cosine"
     panels = [(quality, quality), ("size_bytes", "size (MB)"), ("latency_ms", "latency (ms)")]
     panels = [(k, label) for k, label in panels if k in base and k in comp]
-    fig = Figure(figsize=(4 * len(panels), 3.5))
+    pareto = len(panels) == 3
+    cols, rows = max(len(panels), 2), 2 if pareto else 1
+    fig = Figure(figsize=(4 * cols, 3.5 * rows))
+    if pareto:
+        points = [{"name": name, **m} for name, m in (("baseline", base), ("compressed", comp))]
+        pareto_panels(fig, points, quality, lower_quality_better=quality == "ppl", first_panel=cols + 1,
+                      n_panels=cols, rows=2)
     for i, (key, label) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax = fig.add_subplot(rows, cols, i + 1)
         values = [base[key] * _SCALE.get(key, 1.0), comp[key] * _SCALE.get(key, 1.0)]
         bars = ax.bar(["baseline", "compressed"], values, color=["#8da0cb", "#fc8d62"])
         ax.bar_label(bars, fmt="%.3g")
