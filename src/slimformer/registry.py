@@ -16,6 +16,9 @@ from slimformer.errors import UserError
 # Modules whose import registers the built-in methods. Listed by hand on purpose.
 _BUILTIN_MODULES = (
     "slimformer.prune.magnitude",
+    "slimformer.prune.wanda",
+    "slimformer.prune.sparsegpt",
+    "slimformer.prune.gradient",
     "slimformer.prune.structured",
     "slimformer.quant.rtn",
     "slimformer.quant.gptq",

@@ -42,6 +42,11 @@ def _keep_flat(flat: Tensor, k: int) -> Tensor:
     return keep
 
 
+def remove_lowest(scores: Tensor, k: int) -> Tensor:
+    """Keep-mask (bool, scores' shape) removing exactly the k lowest scores (earliest on ties)."""
+    return _keep_flat(scores.detach().reshape(-1).float(), k).view(scores.shape)
+
+
 def layer_masks(scores: Tensor, sparsity: float) -> Tensor:
     """Keep-mask (bool, scores' shape) removing exactly round(sparsity * numel) lowest scores."""
     check_sparsity(sparsity)
