@@ -67,3 +67,21 @@ def test_kv_cache_needs_a_decoder(tmp_path) -> None:
     with pytest.raises(UserError, match="decoder"):
         export_onnx(bert, "encoder", tmp_path / "x.onnx", kv_cache=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_matmul_weight_bytes_counts_what_decode_reads(tmp_path) -> None:
+    from slimformer.export.onnx import matmul_weight_bytes
+
+    model = _llama(tie_word_embeddings=False)
+    fp32 = matmul_weight_bytes(export_onnx(model, "decoder", tmp_path / "a.onnx")["path"])
+    linears = 2 * (40 * 40 * 2 + 40 * 20 * 2 + 40 * 72 * 3)  # q, o; k, v (2 kv heads x 10); gate, up, down
+    assert fp32 == 4 * (linears + 64 * 40)  # block linears + lm_head, fp32; the embedding Gather is not read
+    rtn(model, RTNConfig(bits=4, group_size=16))
+    int4 = matmul_weight_bytes(export_onnx(model, "decoder", tmp_path / "b.onnx")["path"])
+
+    def nbits(out_f: int, in_f: int) -> int:  # blocks of 16 (the last padded): codes, fp32 scales, 4-bit zeros
+        blocks = -(-in_f // 16)
+        return out_f * (blocks * 8 + blocks * 4 + (blocks + 1) // 2)
+
+    per_block = 2 * nbits(40, 40) + 2 * nbits(20, 40) + 2 * nbits(72, 40) + nbits(40, 72)
+    assert int4 == 2 * per_block + 4 * 64 * 40  # the lm_head stays fp32

@@ -146,6 +146,21 @@ def export_onnx(
             "layers_swapped": swapped, "opset": OPSET, "kv_cache": kv_cache}
 
 
+WEIGHT_READERS = ("MatMul", "Gemm", "MatMulInteger", "MatMulNBits", "DequantizeLinear")
+
+
+def matmul_weight_bytes(path: str | Path) -> int:
+    """Bytes of the stored tensors (initializers) that matrix products read in full on every call:
+    what one decode step streams from memory for its weights. Embedding lookups (Gather) read one
+    row per token and are left out; a tensor used twice is counted once."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    sizes = {t.name: len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in graph.initializer}
+    read = {name for node in graph.node if node.op_type in WEIGHT_READERS for name in node.input if name in sizes}
+    return sum(sizes[name] for name in read)
+
+
 def _vocab_size(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)
