@@ -100,6 +100,8 @@ def _run(args: argparse.Namespace) -> int:
         )
         if "compressed" not in report:  # a torchrun rank other than 0: rank 0 reports and writes
             return 0
+        if "compressed" not in report:  # a torchrun rank other than 0: rank 0 reports and writes
+            return 0
         print(f"\n{report['model']} on {report['eval_data']}:\n")
         print(api.summary_table(report))
         print(f"\nwrote {args.output} in {report['wall_s']:.1f} s")

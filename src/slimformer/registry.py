@@ -28,6 +28,7 @@ _BUILTIN_MODULES = (
     "slimformer.quant.static",
     "slimformer.quant.smoothquant",
     "slimformer.quant.nonlinear",
+    "slimformer.train.steps",
     "slimformer.quant.qat",
 )
 
