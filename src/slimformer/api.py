@@ -54,6 +54,7 @@ def compress(
     """
     started = time.perf_counter()
     recipe = Recipe.coerce(recipe)
+    main = _start_distributed()  # under torchrun: every rank runs the steps, rank 0 alone measures and writes
     out_dir = _check_output(output, overwrite)
     if resume and out_dir is None:
         raise UserError("resume needs an output folder: the checkpoint lives beside it.")
@@ -65,14 +66,19 @@ def compress(
     for step in recipe.steps:  # fail on unmatched patterns before any measurement
         select_linears(work, step.config.targets, step.config.ignore)
 
-    baseline = measure(bundle, data, settings)
-    baseline["size_bytes"] = _source_bytes(bundle)
+    baseline = measure(bundle, data, settings) if main else {}
+    if main:
+        baseline["size_bytes"] = _source_bytes(bundle)
 
-    ctx = StepContext(tokenizer=bundle.tokenizer, kind=bundle.kind, calib=calib_data, progress=progress)
+    ctx = StepContext(tokenizer=bundle.tokenizer, kind=bundle.kind, calib=calib_data, progress=progress and main,
+                      teacher=bundle.model)
     root = None
     if out_dir is not None:
-        root = open_checkpoints(out_dir.parent / f".{out_dir.name}.resume", fingerprint(
-            model=bundle.name, recipe=recipe.to_dict(), calib=calib or DEFAULT_CALIB[bundle.kind]), resume)
+        root = out_dir.parent / f".{out_dir.name}.resume"
+        if main:
+            open_checkpoints(root, fingerprint(
+                model=bundle.name, recipe=recipe.to_dict(), calib=calib or DEFAULT_CALIB[bundle.kind]), resume)
+        _barrier()
     steps = []
     try:
         for i, step in enumerate(recipe.steps):
@@ -85,6 +91,8 @@ def compress(
             shutil.rmtree(root, ignore_errors=True)
         raise
     compressed_bundle = ModelBundle(work, bundle.tokenizer, bundle.kind, bundle.name)
+    if not main:  # the other torchrun ranks took part in training; rank 0 reports
+        return {"model": bundle.name, "recipe": recipe.to_dict(), "steps": steps, "rank": _rank()}
     compressed = measure(compressed_bundle, data, settings)
     dist = _distributions(bundle, work, data, settings) if settings.distribution else None
 
@@ -203,6 +211,26 @@ def _distributions(bundle: ModelBundle, work: nn.Module, data: EvalData, setting
     """Per-layer weight/activation stats of the input and the compressed model on the same inputs."""
     ids, mask, inputs = distribution_inputs(bundle.tokenizer, data.windows, data.texts, settings.distribution_windows)
     return compare_distributions({"baseline": bundle.model.eval(), "compressed": work.eval()}, ids, mask, inputs)
+
+
+def _start_distributed() -> bool:
+    """Start torch.distributed when launched by torchrun; True on the rank that measures and writes."""
+    from slimformer.train import dist
+
+    dist.init_distributed()
+    return dist.is_main()
+
+
+def _barrier() -> None:
+    from slimformer.train import dist
+
+    dist.barrier()
+
+
+def _rank() -> int:
+    from slimformer.train import dist
+
+    return dist.rank()
 
 
 def _check_output(output: str | Path | None, overwrite: bool) -> Path | None:

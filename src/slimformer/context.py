@@ -21,6 +21,8 @@ class StepContext:
     # --resume: where this step's layer-wise engine saves finished blocks, and whether to reuse them
     checkpoint: Path | None = None
     resume: bool = False
+    # training steps: the frozen model as it was before the recipe (the distillation teacher)
+    teacher: Any = None
 
 
 def track(ctx: StepContext | None, items: Iterable, desc: str, total: int | None = None) -> Iterable:

@@ -82,6 +82,11 @@ class Recipe:
                     f"{where}: step {i + 1} ({step.method}) prunes after quantization (step "
                     f"{quantized_at + 1}); put pruning steps before quantization."
                 )
+            elif kind == "train" and quantized_at is not None:
+                raise UserError(
+                    f"{where}: step {i + 1} ({step.method}) trains float weights after quantization (step "
+                    f"{quantized_at + 1}); put training steps before quantization (or train with `qat`)."
+                )
 
     @classmethod
     def from_yaml(cls, text: str, where: str = "recipe") -> "Recipe":

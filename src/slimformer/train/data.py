@@ -38,8 +38,12 @@ def lm_data(tokenizer: Any, data: TextData, seq_len: int, max_windows: int | Non
 
 
 def classification_data(tokenizer: Any, data: TextData, max_length: int = 64,
-                        classes: tuple[str, ...] | None = None) -> TrainData:
-    """Texts padded to `max_length` tokens with integer labels (classes sorted by name unless given)."""
+                        classes: tuple[str, ...] | None = None, require_labels: bool = True) -> TrainData:
+    """Texts padded to `max_length` tokens with integer labels (classes sorted by name unless given);
+    without labels (and `require_labels=False`) the texts alone."""
+    if data.labels is None and not require_labels:
+        enc = tokenizer(list(data.texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+        return TrainData({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     if data.labels is None:
         raise UserError(f"data '{data.name}' has no labels; classification training needs a label per text "
                         "(a .jsonl 'label' field or a .csv 'label' column).")

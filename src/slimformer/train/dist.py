@@ -79,5 +79,11 @@ def wrap(module: nn.Module, strategy: Literal["ddp", "fsdp"]) -> nn.Module:
     if strategy == "fsdp":
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        return FullyShardedDataParallel(module, device_id=dev if dev.type == "cuda" else None, use_orig_params=True)
-    return nn.parallel.DistributedDataParallel(module, device_ids=[dev] if dev.type == "cuda" else None)
+        if dev.type != "cuda":
+            raise UserError("strategy: fsdp shards the model across GPUs (nccl); PyTorch's FSDP does not run on "
+                            "CPU processes. Use strategy: ddp on CPU.")
+
+        return FullyShardedDataParallel(module, device_id=dev, use_orig_params=True)
+    # find_unused_parameters: e.g. BERT's pooler gets no gradient when states are mean-pooled
+    return nn.parallel.DistributedDataParallel(module, device_ids=[dev] if dev.type == "cuda" else None,
+                                               find_unused_parameters=True)
