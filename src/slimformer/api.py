@@ -125,12 +125,13 @@ def evaluate(model: str | Path | ModelBundle, eval: str | EvalSettings | None = 
 
 def export(
     model: str | Path | ModelBundle, output: str | Path, *, format: str = "onnx", overwrite: bool = False,  # noqa: A002
-    threads: int | None = None, dtype: str = "float32",
+    threads: int | None = None, dtype: str = "float32", kv_cache: bool = False,
 ) -> dict[str, Any]:
     """Export a model (alias, HF folder or compressed folder) to `output` and check the file against
     the PyTorch model on real inputs (built-in evaluation text: 2 windows of 128 tokens for decoders,
     16 tweets for encoders). Returns {path, bytes, seconds, layers_swapped, opset, parity}.
-    format="hf": a plain Hugging Face folder instead (see `save_hf`; `dtype` applies there)."""
+    format="hf": a plain Hugging Face folder instead (see `save_hf`; `dtype` applies there).
+    kv_cache=True (decoders): past/present key/value inputs and outputs for incremental decoding."""
     from slimformer.export.onnx import OrtModel, export_onnx, parity
 
     if format == "hf":
@@ -144,7 +145,7 @@ def export(
         raise UserError(f"output '{out}' already exists; choose another path or pass --overwrite.")
     bundle = load_bundle(model) if not isinstance(model, ModelBundle) else model
     ids, mask = _parity_inputs(bundle)
-    info = export_onnx(bundle.model, bundle.kind, out)
+    info = export_onnx(bundle.model, bundle.kind, out, kv_cache=kv_cache)
     info["parity"] = parity(bundle.model, OrtModel(out, bundle.kind, threads=threads), ids, mask)
     return {"model": bundle.name, "kind": bundle.kind, **info}
 

@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="weight dtype of an hf folder (default: float32)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    x.add_argument("--kv-cache", action="store_true",
+                   help="onnx, decoders: add past/present key/value tensors for incremental decoding (bench decode)")
     x.add_argument("--threads", type=int, help="onnxruntime threads for the parity check")
     x.add_argument("--json", metavar="FILE", help="also write the export summary as JSON")
 
@@ -100,8 +102,6 @@ def _run(args: argparse.Namespace) -> int:
         )
         if "compressed" not in report:  # a torchrun rank other than 0: rank 0 reports and writes
             return 0
-        if "compressed" not in report:  # a torchrun rank other than 0: rank 0 reports and writes
-            return 0
         print(f"\n{report['model']} on {report['eval_data']}:\n")
         print(api.summary_table(report))
         print(f"\nwrote {args.output} in {report['wall_s']:.1f} s")
@@ -140,7 +140,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2))
     elif args.command == "export":
-        result = api.export(args.model, args.output, format=args.format, overwrite=args.overwrite, threads=args.threads)
+        result = api.export(args.model, args.output, format=args.format, overwrite=args.overwrite, threads=args.threads,
+                            kv_cache=args.kv_cache)
         p = result["parity"]
         print(f"wrote {result['path']}: {result['bytes'] / 1e6:.1f} MB, opset {result['opset']}, "
               f"{result['layers_swapped']} quantized layers exported, {result['seconds']} s")

@@ -35,6 +35,13 @@ def test_bench_compare_torch_and_onnx(tmp_path, tiny_dirs, capsys) -> None:
     first, second = json.loads(summary.read_text())["results"]
     assert first["decode"]["runs"] == 3  # the folder is exported with a key/value cache
     assert "decode" not in second and "re-export" in second["decode_note"]  # a plain export has none
+    kv_file = tmp_path / "llama-kv.onnx"
+    assert main(["export", str(tiny_dirs["llama"]), "--output", str(kv_file), "--kv-cache", "--json", str(summary)]) == 0
+    assert json.loads(summary.read_text())["parity"]["max_abs_err"] < 1e-4
+    assert main(["bench", str(kv_file), "--runtime", "onnxruntime", "--runs", "2", "--prefill", "8", "--seq", "8",
+                 "--json", str(summary)]) == 0
+    assert json.loads(summary.read_text())["results"][0]["decode"]["context"] == 8
+    assert main(["export", str(tiny_dirs["bert"]), "--output", str(tmp_path / "b.onnx"), "--kv-cache"]) == 2
 
 
 def test_bench_encoder_torch(tmp_path, tiny_dirs, capsys) -> None:
