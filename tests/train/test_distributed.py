@@ -41,3 +41,31 @@ def test_two_process_run_equals_one_process(tmp_path: Path, strategy: str) -> No
     assert max((r0[k] - ref[k]).abs().max().item() for k in r0) < 1e-5
     with safe_open(str(tmp_path / "rank0.safetensors"), "pt") as f:
         assert abs(float(f.metadata()["loss_last"]) - info["loss_last"]) < 1e-4
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_writes_one_output(tmp_path: Path) -> None:
+    """`torchrun -m slimformer compress`: both ranks train, rank 0 alone measures and writes."""
+    import json
+
+    import transformers
+
+    from slimformer.models.zoo import resolve_alias
+
+    torch.manual_seed(0)
+    tok = transformers.AutoTokenizer.from_pretrained(resolve_alias("smollm2-135m"), local_files_only=True)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024)).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "r.yaml").write_text("steps:\n  - method: finetune\n    steps: 2\n    batch_size: 2\n    seq_len: 32\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "slimformer",
+           "compress", str(tmp_path / "tiny"), "--recipe", str(tmp_path / "r.yaml"), "--output", str(tmp_path / "out"),
+           "--max-windows", "1", "--no-latency", "--quiet"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["steps"][0]["world_size"] == 2 and report["steps"][0]["global_batch"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.yaml", "tiny"]  # no temporary leftovers
+    assert done.stdout.count("wrote ") == 1
