@@ -76,18 +76,22 @@ def sparsegpt_prune(
         if sparsity is not None:  # this block's share of the exact total count
             k = round(sparsity * i2 * out_f) - round(sparsity * i1 * out_f)
             prune1.copy_(~remove_lowest(w1.pow(2) / d.pow(2).unsqueeze(1), k))
+        drop = prune1.float() / d.unsqueeze(1)  # (b, out): a column's OBS error is w * drop (0 where kept)
         for j in range(i2 - i1):  # the OBS sweep is sequential; each step is an (out,)-vector update
             if nm is not None and j % m == 0:  # (m, out) OBS errors of this group, ranked per output row
                 err = w1[j : j + m].pow(2) / d[j : j + m].pow(2).unsqueeze(1)
                 prune1[j : j + m] = ~nm_masks(err.t(), *nm).t()
-            q = torch.where(prune1[j], torch.zeros_like(w1[j]), w1[j])
-            if quant is not None:
-                q = quant.column(i1 + j, q, w1[j:], prune1[j:])
-            e = (w1[j] - q) / d[j]
-            w1[j + 1 :] -= hinv1[j, j + 1 :].unsqueeze(1) * e.unsqueeze(0)
-            w1[j], err1[j] = q, e
+                drop[j : j + m] = prune1[j : j + m].float() / d[j : j + m].unsqueeze(1)
+            if quant is None:
+                e = torch.mul(w1[j], drop[j], out=err1[j])
+                w1[j].masked_fill_(prune1[j], 0.0)
+            else:
+                q = quant.column(i1 + j, w1[j].masked_fill(prune1[j], 0.0), w1[j:], prune1[j:])
+                e = torch.div(w1[j] - q, d[j], out=err1[j])
+                w1[j] = q
+            w1[j + 1 :].addr_(hinv1[j, j + 1 :], e, alpha=-1.0)  # spread the error over later columns
         wt[i1:i2] = w1
-        wt[i2:] -= hinv[i1:i2, i2:].t() @ err1
+        wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1.0)
     keep = ~prune_t.t()
     weight = wt.t().contiguous()
     if quant is None:
