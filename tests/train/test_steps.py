@@ -82,3 +82,32 @@ def test_bad_recipes(step: dict, match: str) -> None:
 def test_training_after_quantization_is_refused() -> None:
     with pytest.raises(UserError, match="after quantization"):
         Recipe.from_dict({"steps": [{"method": "rtn", "bits": 8}, {"method": "finetune"}]})
+
+
+@pytest.mark.parametrize("name", ["finetune.yaml", "distill-neurons.yaml"])
+def test_shipped_training_recipes_parse(name: str) -> None:
+    recipe = Recipe.load(Path(__file__).parents[2] / "recipes" / name)
+    assert recipe.steps[-1].config.steps >= 100
+
+
+def test_encoder_finetune_trains_a_temporary_head(tmp_path: Path) -> None:
+    """A bare BERT fine-tuned on labelled tweets: the head is trained with it and dropped after."""
+    torch.manual_seed(0)
+    tok = transformers.AutoTokenizer.from_pretrained(resolve_alias("minilm-l6"), local_files_only=True)
+    transformers.BertModel(transformers.BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=512)).save_pretrained(tmp_path / "bert")
+    tok.save_pretrained(tmp_path / "bert")
+    import json
+
+    from slimformer.data.sources import load_data
+
+    tweets = load_data("tweets", "calib")
+    data = tmp_path / "tweets.jsonl"  # 90 labelled tweets: train on them, probe on a 2/3 - 1/3 split
+    data.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in zip(tweets.texts[:90], tweets.labels[:90])))
+    report = slimformer.compress(tmp_path / "bert", {"steps": [{"method": "finetune", "steps": 3, "batch_size": 8,
+                                                                 "seq_len": 32, "lr": 1e-3}]}, calib=str(data),
+                                 eval=EvalSettings(data=str(data), latency=False, progress=False))
+    assert report["compressed"]["params"] == report["baseline"]["params"]  # no head left behind
+    assert report["compressed"]["cosine"] < 0.9999  # the encoder itself changed
+    assert report["steps"][0]["global_batch"] == 8
