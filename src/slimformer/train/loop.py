@@ -56,7 +56,7 @@ class TrainOptions(TargetedConfig):
     strategy: Literal["ddp", "fsdp"] = "ddp"
 
     def __post_init__(self) -> None:
-        name = type(self).__name__.removesuffix("Config").lower() or "train"
+        name = type(self).__name__.removesuffix("Config").removesuffix("Options").lower()
         for key in ("steps", "batch_size", "grad_accum", "seq_len"):
             if getattr(self, key) < 1:
                 raise UserError(f"{name}: {key} must be a positive integer, got {getattr(self, key)}.")

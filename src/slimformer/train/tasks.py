@@ -88,7 +88,7 @@ class DistillTask(SupervisedTask):
         self.alpha, self.temperature = alpha, temperature
         self.hidden_weight, self.attention_weight = hidden_weight, attention_weight
         self.student_layers = student_layers
-        self._teacher_attn: str | None = None
+        self._attn: tuple[str, str] | None = None  # (teacher, student) implementations before `prepare`
 
     def prepare(self, model: nn.Module) -> nn.Module:
         from slimformer.train import dist
@@ -105,8 +105,7 @@ class DistillTask(SupervisedTask):
                                 "hidden-state transfer needs a student no wider than the teacher.")
             self.extras["proj"] = nn.Linear(w_s, w_t, bias=False)
         if self.attention_weight > 0:  # attention maps are only returned by the eager implementation
-            self._teacher_attn = _set_eager(self.teacher)
-            _set_eager(model)
+            self._attn = (_set_eager(self.teacher), _set_eager(model))
         return model
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
@@ -139,8 +138,9 @@ class DistillTask(SupervisedTask):
         return loss, logs
 
     def finish(self, model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
-        if self._teacher_attn is not None:
-            _set_attn(self.teacher, self._teacher_attn)
+        if self._attn is not None:  # back to the (fused) implementations the models had
+            _set_attn(self.teacher, self._attn[0])
+            _set_attn(model, self._attn[1])
         self.teacher.cpu()
         return model, {"layer_map": self.map}
 
