@@ -136,9 +136,9 @@ def _prune_neurons(model: nn.Module, keep: list[int]) -> None:
 
 def test_uniformly_pruned_model_writes_its_smaller_config(tmp_path) -> None:
     model = _llama()
-    _prune_neurons(model, [48, 48])
-    model.config.intermediate_size = 48  # uniform sizes: the config can say it
+    _prune_neurons(model, [48, 48])  # uniform sizes, but the config still says 72: the export writes 48
     save_hf(model, tmp_path / "hf")
+    assert model.config.intermediate_size == 72  # the caller's model is left as it was
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert loaded.config.intermediate_size == 48
     assert (_logits(loaded) - _logits(model)).abs().max().item() < 1e-5

@@ -6,8 +6,9 @@ exact weight it computes with.
 - AWQ / SmoothQuant per-input-channel scales: folded into the weight (W / s), nothing lost.
 - Dynamic or static activation quantization has no place in a plain model: it is dropped (the
   folder computes with float activations) and the summary says so, layer by layer.
-- Structurally pruned models: their config must describe every block (the same sizes in all of
-  them); a model whose tensors a fresh `from_config` model cannot hold is refused.
+- Structurally pruned models: the config is given the sizes of the blocks when all blocks share
+  them (`models.structure.sync_config`); a model whose tensors a fresh `from_config` model cannot
+  hold (sizes differing per block, BERT with fewer heads) is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 
 from slimformer.errors import UserError
 from slimformer.export.onnx_ops import dense_linear
+from slimformer.models.structure import describe_structure, sync_config
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -109,6 +111,8 @@ def save_hf_folder(
     if not out.parent.is_dir():
         raise UserError(f"output folder's parent '{out.parent}' does not exist.")
     dense, notes = dense_copy(model)
+    if describe_structure(dense) is not None:  # Llama/BERT families: uniform pruned sizes into the config
+        sync_config(dense)
     check_representable(dense)
     dense = dense.to(DTYPES[dtype])
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
