@@ -9,7 +9,8 @@
     >= 3x faster than torch fp32 at batch 32 with cosine >= 0.98.
 (b) Decoder (`smollm2-135m`): the machine's copy bandwidth (a `--copy-gib` tensor copy; GB/s counts the
     bytes read plus the bytes written, as STREAM's copy does), then fp32, int8 dynamic (our `dynamic`,
-    per-token int8 activations) and int4 GPTQ (MatMulNBits with our codes) exported to onnxruntime with
+    per-token or per-tensor int8 activations) and int4 GPTQ (MatMulNBits with our codes; also with a
+    4-bit RTN lm_head, which recipes leave fp32 by default) exported to onnxruntime with
     a key/value cache: prefill 1 x `--prefill`, per-token decode after `--prefill` tokens, perplexity
     of each ONNX model on lee-news evaluation windows, and the fraction of the bandwidth limit decode
     reaches (weight bytes read per token / decode time, over the copy bandwidth). A torch fp32 row gives
@@ -152,9 +153,14 @@ def run_decoder(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                            threads=args.threads)
     gptq = (f"{{method: gptq, bits: 4, group_size: {args.group_size}, num_samples: {args.gptq_samples}, "
             f"seq_len: {args.gptq_seq_len}}}")
+    lm_head = f"{{method: rtn, bits: 4, group_size: {args.group_size}, targets: [lm_head]}}"
+    # the last variant adds a 4-bit lm_head (RTN) to the GPTQ model: the fp32 lm_head is 113 of the
+    # ~170 MB an int4 SmolLM2 decode step reads, so it bounds the decode speedup
     variants = {"fp32": None, "int8 dynamic (per-token)": "{method: dynamic}",
                 "int8 dynamic (per-tensor)": "{method: dynamic, activations: tensor}",
-                f"int4 GPTQ g{args.group_size}": gptq}
+                f"int4 GPTQ g{args.group_size}": gptq,
+                f"int4 GPTQ g{args.group_size} + int4 lm_head": f"{gptq}, {lm_head}"}
+    done: dict[str, nn.Module] = {}  # compressed models kept for a variant whose steps extend theirs
     results: dict[str, dict[str, Any]] = {}
     with torch.inference_mode():
         torch_fp32 = bench_torch_decoding_threads(base.model, vocab, timing)
@@ -165,9 +171,12 @@ def run_decoder(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         if args.variants and not any(v in name for v in args.variants):
             continue
         start = time.perf_counter()
-        model = copy.deepcopy(base.model)
+        prefix = next((k for k in done if steps and steps.startswith(k + ", ")), None)
+        model = copy.deepcopy(done[prefix] if prefix else base.model)
         if steps:
-            apply_steps(model, steps, ctx)
+            apply_steps(model, steps[len(prefix) + 2:] if prefix else steps, ctx)
+            if "gptq" in steps and prefix is None:
+                done[steps] = copy.deepcopy(model)
         compress_s = time.perf_counter() - start
         path = workdir / f"dec-{len(results)}.onnx"
         export_onnx(model, "decoder", path, kv_cache=True)
@@ -192,7 +201,7 @@ def run_decoder(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             r["decode_speedup_vs_ort_fp32"] = round(ort_fp32["decode"]["median_ms"] / r["decode"]["median_ms"], 3)
             r["prefill_speedup_vs_ort_fp32"] = round(ort_fp32["prefill"]["median_ms"] / r["prefill"]["median_ms"], 3)
     int4 = [r for n, r in results.items() if n.startswith("int4")]
-    goal = bool(ort_fp32 and int4 and int4[0]["decode_speedup_vs_ort_fp32"] >= 2)
+    goal = bool(ort_fp32 and any(r["decode_speedup_vs_ort_fp32"] >= 2 for r in int4))
     return {"model": args.decoder, "threads": args.threads, "bandwidth": bandwidth, "prefill": args.prefill,
             "results": results, "goal": {"text": "int4 decode >= 2x faster than fp32 decode in onnxruntime", "met": goal}}
 
