@@ -49,9 +49,7 @@ class QATConfig(TrainOptions):
     num_samples: int = 64
     temperature: float = 1.0
     alpha: float = 1.0
-    steps: int = 200
-    lr: float = 1e-5
-    seq_len: int = 512
+    seq_len: int = 512  # the DESIGN calibration windows, for GPTQ and training alike
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -151,10 +149,8 @@ def qat(model: nn.Module, config: QATConfig, ctx: StepContext | None = None) -> 
     then conversion to QuantLinear."""
     if ctx is None or ctx.calib is None or ctx.tokenizer is None:
         raise UserError("qat needs training data (--calib, or calib= in Python) and a tokenizer.")
-    teacher = getattr(ctx, "teacher", None)
-    teacher = copy.deepcopy(model) if teacher is None else teacher
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher = getattr(ctx, "teacher", None)  # only read, under no_grad
+    teacher = copy.deepcopy(model).eval() if teacher is None else teacher
     data = lm_data(ctx.tokenizer, ctx.calib, config.seq_len, config.num_samples)
     trained, info = train(model, QATTask(teacher, config, ctx), data, config, checkpoint=ctx.checkpoint,
                           resume=ctx.resume, progress=ctx.progress)
