@@ -37,3 +37,23 @@ def test_qat_from_gptq_lowers_the_distillation_loss(lsq: bool, ratio: float) -> 
     before, after = _kd(ptq, teacher, ids), _kd(student, teacher, ids)
     assert after < ratio * before, (before, after)  # measured: 0.58x (LSQ), 0.86x (fixed scales)
     assert info["loss_last"] < info["loss_first"]
+
+
+def test_pruned_zeros_stay_zero_and_the_artifact_reloads(tmp_path) -> None:
+    from slimformer.export.artifact import load_artifact, save_artifact
+    from slimformer.prune.magnitude import MagnitudeConfig, magnitude
+
+    model, ctx = tiny_llama(), tiny_ctx()
+    magnitude(model, MagnitudeConfig(sparsity=0.5))
+    zeros = {n: m.weight.detach() == 0 for n, m in model.named_modules() if n.endswith("proj")}
+    info = qat(model, QATConfig(bits=4, group_size=16, init="rtn", steps=3, lr=1e-2, batch_size=2, num_samples=4,
+                                seq_len=32), ctx)
+    assert info["converted"] == 14
+    for name, was_zero in zeros.items():
+        w = model.get_submodule(name).dequantized_weight()
+        assert bool((w[was_zero] == 0).all()), name  # pruned: still exactly zero after training
+    ids = torch.randint(0, 128, (2, 16))
+    save_artifact(model, tmp_path, kind="decoder")
+    loaded, kind = load_artifact(tmp_path)
+    with torch.no_grad():
+        assert kind == "decoder" and torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
