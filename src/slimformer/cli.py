@@ -31,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", metavar="DATA", help="calibration data (default: lee-news / tweets)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--resume", action="store_true",
-                   help="continue an interrupted GPTQ/AWQ/... run from its last finished block")
+                   help="continue an interrupted run: layer-wise steps (GPTQ/AWQ/...) from their last finished "
+                        "block, training steps from their last checkpoint (checkpoint_every)")
     c.add_argument("--distribution", action="store_true",
                    help="per-layer weight/activation stats of the input and compressed model on 2 evaluation "
                         "windows: a report section and distribution.png")
