@@ -62,15 +62,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_flag(value: bool) -> bool:
-    """Rank 0's `value` on every rank (no-op in a single process)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    flag = torch.tensor([int(value)], device=device() if dist.get_backend() == "nccl" else "cpu")
-    dist.broadcast(flag, src=0)
-    return bool(flag.item())
-
-
 def wrap(module: nn.Module, strategy: Literal["ddp", "fsdp"]) -> nn.Module:
     """`module` wrapped for data-parallel training across the process group (unchanged alone)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
