@@ -1,0 +1,192 @@
+"""Our pruning methods against peers at the same settings on smollm2-135m, in one process.
+
+    .venv/bin/python benchmarks/pruning.py --json out/pruning.json [--max-windows N] [--calib-windows N]
+        [--only wanda-50 sparsegpt-24 llm-compressor ...] [--ours-only]
+
+Protocol as benchmarks/peers.py (whose helpers this reuses): every variant pruned from a fresh copy
+of the same fp32 model, perplexity with `slimformer.evaluate.perplexity` on the same `lee-news`
+evaluation windows, data-driven methods calibrated on the same windows (the first N x 512 tokens
+of the calibration pool; `gradient`/`taylor` on the first min(N, 16), their default, since each
+window costs a backward pass), only the Linear layers inside the blocks pruned (LM head and
+embeddings untouched on both sides). Seconds are the pruning call alone. Ratios: peer / ours.
+
+Peers: `torch.nn.utils.prune.l1_unstructured` per layer, llm-compressor's WandaPruningModifier and
+SparseGPTModifier (damp 0.01, block 128; OWL via sparsity_profile="owl", owl_m 5, owl_lmbda 0.08).
+llm-compressor 0.14's OWL fails here before pruning ("ValueError: Cannot invoke event before
+initializing": it runs its activation pass from inside the modifier's initialization, before the
+session is initialized; reproduced on a tiny Llama too); its rows then say "cannot run".
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+import peers  # benchmarks/peers.py: Bench, prepare, run_ours, timed, table, llm-compressor driver
+import torch
+import transformers
+from torch import nn
+
+from slimformer.evaluate.perplexity import perplexity
+
+LLMC, TORCH_PRUNE = peers.LLMC, "torch.nn.utils.prune"
+LIBRARY_MODULES = {LLMC: "llmcompressor", TORCH_PRUNE: "torch.nn.utils.prune"}
+CALIB = ", num_samples: {n}"
+BLOCKS = "re:model.layers.\\d+$"  # llm-compressor groups OWL statistics per decoder layer
+
+
+def ours(method: str, amount: str, extra: str = "") -> str:
+    return f"steps: [{{method: {method}, {amount}{extra}}}]"
+
+
+def torch_l1(sparsity: float) -> peers.PeerFn:
+    """torch.nn.utils.prune.l1_unstructured on each target layer, then made permanent."""
+
+    def run(model: nn.Module, bench: peers.Bench) -> tuple[Any, list[str]]:
+        import torch.nn.utils.prune as tprune
+
+        for name in bench.targets:
+            layer = model.get_submodule(name)
+            tprune.l1_unstructured(layer, "weight", amount=sparsity)
+            tprune.remove(layer, "weight")
+        return model, ["per layer (each target Linear ranked on its own)"]
+
+    return run
+
+
+def llmc_pruner(kind: str, sparsity: float, structure: str = "0:0", owl: bool = False) -> peers.PeerFn:
+    """llm-compressor's SparseGPTModifier or WandaPruningModifier through `oneshot` on our windows."""
+
+    def run(model: nn.Module, bench: peers.Bench) -> tuple[Any, list[str]]:
+        from llmcompressor.modifiers.pruning import WandaPruningModifier
+        from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
+
+        kw: dict[str, Any] = {"sparsity": sparsity, "mask_structure": structure, "ignore": ["re:.*lm_head"]}
+        if owl:
+            kw.update(sparsity_profile="owl", owl_m=5, owl_lmbda=0.08, targets=[BLOCKS])
+        if kind == "sparsegpt":
+            modifier = SparseGPTModifier(block_size=128, dampening_frac=0.01, **kw)
+        else:
+            modifier = WandaPruningModifier(**kw)
+        peers._oneshot(model, bench, [modifier], calibrate=True)
+        return model, [f"mask_structure {structure}"] + (["OWL: owl_m 5, owl_lmbda 0.08"] if owl else [])
+
+    return run
+
+
+def _setting(key: str, label: str, recipe: str, *peer_list: peers.Peer) -> peers.Setting:
+    return peers.Setting(key, label, (recipe,), tuple(peer_list))
+
+
+def _llmc(kind: str, sparsity: float, structure: str = "0:0", owl: bool = False) -> peers.Peer:
+    name = {"sparsegpt": "SparseGPTModifier", "wanda": "WandaPruningModifier"}[kind]
+    return peers.Peer(LLMC, f"llm-compressor {name}" + (" (owl)" if owl else ""), llmc_pruner(kind, sparsity, structure, owl))
+
+
+SETTINGS = (
+    _setting("magnitude-50", "magnitude 50% per layer", ours("magnitude", "sparsity: 0.5"),
+             peers.Peer(TORCH_PRUNE, "torch.nn.utils.prune.l1_unstructured", torch_l1(0.5))),
+    _setting("gradient-50", "gradient 50% per layer", ours("gradient", "sparsity: 0.5", ", num_samples: {g}")),
+    _setting("taylor-50", "taylor 50% per layer", ours("taylor", "sparsity: 0.5", ", num_samples: {g}")),
+    _setting("wanda-50", "wanda 50%", ours("wanda", "sparsity: 0.5", CALIB), _llmc("wanda", 0.5)),
+    _setting("sparsegpt-50", "sparsegpt 50%", ours("sparsegpt", "sparsity: 0.5", CALIB), _llmc("sparsegpt", 0.5)),
+    _setting("wanda-24", "wanda 2:4", ours("wanda", "pattern: '2:4'", CALIB), _llmc("wanda", 0.5, "2:4")),
+    _setting("wanda-48", "wanda 4:8", ours("wanda", "pattern: '4:8'", CALIB), _llmc("wanda", 0.5, "4:8")),
+    _setting("sparsegpt-24", "sparsegpt 2:4", ours("sparsegpt", "pattern: '2:4'", CALIB), _llmc("sparsegpt", 0.5, "2:4")),
+    _setting("sparsegpt-48", "sparsegpt 4:8", ours("sparsegpt", "pattern: '4:8'", CALIB), _llmc("sparsegpt", 0.5, "4:8")),
+    _setting("wanda-owl-50", "wanda 50% owl", ours("wanda", "sparsity: 0.5, allocation: owl", CALIB),
+             _llmc("wanda", 0.5, owl=True)),
+    _setting("wanda-60", "wanda 60% uniform", ours("wanda", "sparsity: 0.6", CALIB), _llmc("wanda", 0.6)),
+    _setting("wanda-owl-60", "wanda 60% owl", ours("wanda", "sparsity: 0.6, allocation: owl", CALIB),
+             _llmc("wanda", 0.6, owl=True)),
+)
+
+
+def select(only: list[str] | None, ours_only: bool) -> list[tuple[peers.Setting, list[peers.Peer]]]:
+    """Settings and peers named by --only (setting keys and/or library names; none named: all)."""
+    names = set(only or ())
+    keys = {s.key for s in SETTINGS}
+    unknown = names - keys - set(LIBRARY_MODULES)
+    if unknown:
+        raise SystemExit(f"--only: unknown name(s) {sorted(unknown)}; settings: {sorted(keys)}; "
+                         f"libraries: {sorted(LIBRARY_MODULES)}")
+    want_settings, want_libs = names & keys, names - keys
+    plan = []
+    for s in SETTINGS:
+        if want_settings and s.key not in want_settings:
+            continue
+        chosen = [p for p in s.peers if not want_libs or p.library in want_libs]
+        if want_libs and not chosen:
+            continue
+        plan.append((s, [] if ours_only else chosen))
+    return plan
+
+
+def run_peer(peer: peers.Peer, bench: peers.Bench) -> dict[str, Any]:
+    """One peer on a fresh copy (its library imported before the timer); failures become rows."""
+    try:
+        __import__(LIBRARY_MODULES[peer.library])
+        if peer.library == LLMC:
+            peers._calib_dataset(bench)
+        model = copy.deepcopy(bench.model)
+        (evaluated, notes), seconds = peers.timed(lambda: peer.run(model, bench))
+        return {"ppl": perplexity(evaluated, bench.eval_windows, progress=False)["ppl"],
+                "compress_s": round(seconds, 1), "notes": notes}
+    except Exception as exc:  # a peer failing is a result, not a crash
+        return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=-8)}
+
+
+def run(plan: list[tuple[peers.Setting, list[peers.Peer]]], bench: peers.Bench) -> list[dict[str, Any]]:
+    """Ours once per setting, then each peer; one row per (setting, peer), printed as it comes."""
+    n = bench.calib_windows.shape[0]
+    rows = []
+    for setting, chosen in plan:
+        setting = peers.Setting(setting.key, setting.label,
+                                tuple(r.replace("{g}", str(min(n, 16))) for r in setting.ours), setting.peers)
+        mine = peers.run_ours(setting, bench)
+        print(f"[{setting.key}] ours: ppl {mine['ppl']:.2f}, {mine['compress_s']} s", flush=True)
+        if not chosen:
+            rows.append({"setting": setting.label, "key": setting.key, "ours": mine, "peer": "—", "library": None,
+                         "error": "no peer run" if setting.peers else "no peer has this method"})
+        for peer in chosen:
+            result = run_peer(peer, bench)
+            rows.append({"setting": setting.label, "key": setting.key, "ours": mine, "peer": peer.label,
+                         "library": peer.library, **result})
+            shown = f"ppl {result['ppl']:.2f}, {result['compress_s']} s" if "ppl" in result else f"cannot run: {result['error']}"
+            print(f"[{setting.key}] {peer.label}: {peers._one_line(shown)}", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default="out/pruning.json")
+    parser.add_argument("--max-windows", type=int, help="perplexity on the first N evaluation windows only")
+    parser.add_argument("--calib-windows", type=int, default=64, help="calibration windows of 512 tokens (default 64)")
+    parser.add_argument("--only", nargs="*", help="setting keys and/or library names to run")
+    parser.add_argument("--ours-only", action="store_true", help="run our side of the selected settings only")
+    args = parser.parse_args()
+    transformers.utils.logging.disable_progress_bar()
+    plan = select(args.only, args.ours_only)
+    with tempfile.TemporaryDirectory(prefix="slimformer-pruning-") as tmp:
+        bench = peers.prepare(args.max_windows, args.calib_windows, Path(tmp))
+        fp32 = perplexity(bench.model, bench.eval_windows, progress=False)["ppl"]
+        print(f"fp32 ppl {fp32:.2f} ({bench.eval_windows.shape[0]} windows; calibration {bench.calib_windows.shape[0]} "
+              f"windows x {peers.SEQ_LEN}; {torch.get_num_threads()} threads)", flush=True)
+        rows = run(plan, bench)
+    print("\n" + peers.table(rows))
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"threads": torch.get_num_threads(), "max_windows": args.max_windows,
+                               "eval_windows": int(bench.eval_windows.shape[0]),
+                               "calib_windows": int(bench.calib_windows.shape[0]), "fp32_ppl": fp32,
+                               "rows": rows}, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
