@@ -1,5 +1,6 @@
 """QAT vs PTQ on smollm2-135m (DESIGN protocol): GPTQ alone against QAT initialised from the same
-GPTQ result and trained with distillation from the fp32 model; RTN and fp32 for reference.
+GPTQ result (or, with --init rtn, from RTN) and trained with distillation from the fp32 model; RTN
+and fp32 for reference.
 
     python benchmarks/qat.py --json out/qat.json [--bits 3 --group-size 128] [--steps 100]
         [--max-windows 16] [--lr 5e-5] [--batch-size 4] [--num-samples 64] [--seq-len 512]
@@ -40,6 +41,7 @@ class Settings:
 
     bits: int = 3
     group_size: int = 128
+    init: str = "gptq"
     steps: int = 100
     lr: float = 5e-5
     batch_size: int = 4
@@ -64,7 +66,7 @@ def recipes(s: Settings) -> dict[str, tuple[str, dict[str, Any]] | None]:
         "fp32": None,
         f"rtn {tag}": ("rtn", scheme),
         f"gptq {tag}": ("gptq", {**scheme, **calib}),
-        f"qat {tag} (gptq init, lsq, kd)": ("qat", {**scheme, **calib, **train, "init": "gptq", "lsq": True}),
+        f"qat {tag} ({s.init} init, lsq, kd)": ("qat", {**scheme, **calib, **train, "init": s.init, "lsq": True}),
     }
 
 
@@ -108,6 +110,7 @@ def main() -> None:
     parser.add_argument("--json", default="out/qat.json")
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--init", choices=("gptq", "rtn"), default="gptq", help="the PTQ result QAT starts from")
     parser.add_argument("--steps", type=int, default=100, help="QAT optimizer steps")
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--batch-size", type=int, default=4)

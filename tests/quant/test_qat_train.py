@@ -57,3 +57,32 @@ def test_pruned_zeros_stay_zero_and_the_artifact_reloads(tmp_path) -> None:
     loaded, kind = load_artifact(tmp_path)
     with torch.no_grad():
         assert kind == "decoder" and torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_qat_recipe_end_to_end_through_compress(tmp_path) -> None:
+    import json
+
+    import transformers
+
+    import slimformer
+    from slimformer.evaluate.measure import EvalSettings
+    from slimformer.models.zoo import resolve_alias
+
+    tok = transformers.AutoTokenizer.from_pretrained(resolve_alias("smollm2-135m"), local_files_only=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024))
+    model.save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    recipe = {"steps": [{"method": "qat", "bits": 4, "group_size": 8, "init": "gptq", "num_samples": 2, "seq_len": 32,
+                         "steps": 2, "batch_size": 2, "lr": 1e-3}]}
+    report = slimformer.compress(tmp_path / "llama", recipe, eval=EvalSettings(max_windows=1, latency=False, progress=False),
+                                 output=tmp_path / "out", progress=False)
+    step = report["steps"][0]
+    assert step["method"] == "qat" and step["converted"] == 14 and step["calib_windows"] == 2 and step["steps"] == 2
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    packed = [m for m in manifest["modules"].values() if m["class"] == "QuantLinear"]
+    assert len(packed) == 14 and all(m["bits"] == 4 and m["group_size"] == 8 for m in packed)
+    loaded = slimformer.load(tmp_path / "out")
+    assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == 14

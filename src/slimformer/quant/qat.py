@@ -149,8 +149,8 @@ def qat(model: nn.Module, config: QATConfig, ctx: StepContext | None = None) -> 
     then conversion to QuantLinear."""
     if ctx is None or ctx.calib is None or ctx.tokenizer is None:
         raise UserError("qat needs training data (--calib, or calib= in Python) and a tokenizer.")
-    teacher = getattr(ctx, "teacher", None)  # only read, under no_grad
-    teacher = copy.deepcopy(model).eval() if teacher is None else teacher
+    # the model before the recipe (only read, under no_grad); called on its own: the model as it is now
+    teacher = ctx.teacher if ctx.teacher is not None else copy.deepcopy(model).eval()
     data = lm_data(ctx.tokenizer, ctx.calib, config.seq_len, config.num_samples)
     trained, info = train(model, QATTask(teacher, config, ctx), data, config, checkpoint=ctx.checkpoint,
                           resume=ctx.resume, progress=ctx.progress)
