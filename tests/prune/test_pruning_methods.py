@@ -154,6 +154,14 @@ def test_bad_values_are_user_errors(method: str, values: dict, message: str) -> 
         build_config(get_method(method).config_cls, values, method)
 
 
+def test_unquoted_yaml_pattern_is_explained() -> None:
+    from slimformer.recipe import Recipe
+
+    with pytest.raises(UserError, match="quoted string"):
+        Recipe.from_yaml("steps: [{method: wanda, pattern: 2:4}]")
+    assert Recipe.from_yaml("steps: [{method: wanda, pattern: '2:4'}]").steps[0].config.pattern == "2:4"
+
+
 def test_pattern_not_dividing_width_and_missing_data_are_user_errors() -> None:
     with pytest.raises(UserError, match="multiple of M=5"):
         _run(_llama(), "magnitude", pattern="2:5")

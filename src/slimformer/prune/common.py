@@ -28,7 +28,7 @@ class ScoreConfig(TargetedConfig):
 
     sparsity: float | None = None
     threshold: float | None = None
-    pattern: str | None = None
+    pattern: str | int | None = None  # int only to explain YAML's reading of an unquoted 2:4 (below)
     scope: Literal["layer", "global"] = "layer"
 
     def check_amount(self, method: str, *, threshold_ok: bool = True, global_ok: bool = True) -> None:
@@ -45,6 +45,9 @@ class ScoreConfig(TargetedConfig):
                 raise UserError(f"{method}: `threshold` is not supported; give `sparsity` or `pattern`.")
             if self.threshold < 0:
                 raise UserError(f"{method}: threshold must be >= 0, got {self.threshold}.")
+        if isinstance(self.pattern, int):
+            raise UserError(f"{method}: pattern must be a quoted string such as \"2:4\"; got the number "
+                            f"{self.pattern} (YAML reads an unquoted 2:4 as the base-60 number 124).")
         if self.pattern is not None:
             try:
                 parse_pattern(self.pattern)
