@@ -46,13 +46,14 @@ class HeadsConfig(_Calibrated):
     scope: `layer` (each layer loses that fraction) or `global` (one ranking over all layers).
     score: `taylor` (head-gate gradient × gate on calibration data), `magnitude` (weight norms, no
     data), `information` (output KL when the head alone is masked; one pass per head).
-    gqa: `within` removes the same number of query heads from every key/value group; `groups`
-    removes whole key/value groups with their query heads (smaller k/v too)."""
+    gqa: `groups` removes whole key/value groups with their query heads (smaller k/v too; the
+    default: SmolLM2 25% global taylor, ppl 64.5 vs 69.9 for `within`, docs/pruning.md);
+    `within` removes the same number of query heads from every key/value group."""
 
     sparsity: float | None = None
     scope: Literal["layer", "global"] = "layer"
     score: Literal["taylor", "magnitude", "information"] = "taylor"
-    gqa: Literal["within", "groups"] = "within"
+    gqa: Literal["groups", "within"] = "groups"
 
     def __post_init__(self) -> None:
         if self.sparsity is None:
@@ -148,7 +149,7 @@ def heads(model: nn.Module, config: HeadsConfig, ctx: StepContext | None = None)
     with torch.no_grad():
         for i, gone in zip(chosen, removed):
             if gone:
-                keep_heads(parts[i], [h for h in range(parts[i].heads) if h not in set(gone)])
+                keep_heads(parts[i], sorted(set(range(parts[i].heads)) - set(gone)))
     sync_config(model)
     n_removed = sum(len(g) for g in removed)
     return {

@@ -1,0 +1,108 @@
+"""Structured pruning (heads / neurons physically removed) before recovery, DESIGN.md protocol.
+
+    python benchmarks/structured.py --json out/structured.json [--models smollm2-135m minilm-l6]
+        [--threads 2] [--runs 20] [--calib-samples 64] [--eval-windows N] [--recover-steps N]
+
+- smollm2-135m: fp32, `neurons` 25% and `heads` 25% (each on a fresh copy): parameters, prefill
+  latency 1 x 512, perplexity on lee-news (all evaluation windows unless --eval-windows).
+- minilm-l6: fp32 and `heads` 25% + `neurons` 25%: parameters, latency 32 x 128, embedding cosine
+  to fp32 and the tweets probe accuracy.
+Speedups are latency ratios to the fp32 model measured in the same run. `--recover-steps N` runs a
+`finetune` step of N steps after pruning when that method is registered (the training loop lives
+elsewhere); otherwise the rows are "before recovery" only and the script says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from slimformer.context import StepContext
+from slimformer.data.sources import load_data
+from slimformer.evaluate.measure import DEFAULT_CALIB, EvalSettings, measure, prepare_eval
+from slimformer.models.loading import ModelBundle, load_bundle
+from slimformer.recipe import Recipe
+from slimformer.registry import get_method, known_methods
+
+SETTINGS = {  # latency shape per model (DESIGN.md / issue 4)
+    "smollm2-135m": {"latency_batch": 1, "latency_seq": 512},
+    "minilm-l6": {"latency_batch": 32, "latency_seq": 128},
+}
+
+
+def variants(model: str, calib_samples: int) -> dict[str, list[dict[str, Any]]]:
+    """The pruning recipes (steps) measured for `model`."""
+    n = {"num_samples": calib_samples}
+    if model == "minilm-l6":
+        return {"heads 25% + neurons 25%": [
+            {"method": "heads", "sparsity": 0.25, "score": "taylor", **n, "seq_len": 128},
+            {"method": "neurons", "sparsity": 0.25, "score": "activation", **n, "seq_len": 128},
+        ]}
+    return {
+        "neurons 25%": [{"method": "neurons", "sparsity": 0.25, "score": "activation", **n}],
+        "heads 25%": [{"method": "heads", "sparsity": 0.25, "scope": "global", "score": "taylor", **n}],
+    }
+
+
+def prune(bundle: ModelBundle, steps: list[dict[str, Any]], recover_steps: int, progress: bool) -> tuple[Any, dict]:
+    """A pruned copy of the bundle's model and what its steps reported (plus timing)."""
+    model = copy.deepcopy(bundle.model)
+    ctx = StepContext(tokenizer=bundle.tokenizer, kind=bundle.kind, calib=load_data(DEFAULT_CALIB[bundle.kind], "calib"),
+                      progress=progress)
+    if recover_steps:
+        if "finetune" in known_methods():
+            steps = [*steps, {"method": "finetune", "steps": recover_steps}]
+        else:
+            print("--recover-steps: no `finetune` method is registered yet; measuring before recovery only.")
+    start = time.perf_counter()
+    infos = []
+    for step in Recipe.from_dict({"steps": steps}).steps:
+        info = get_method(step.method).apply(model, step.config, ctx)
+        infos.append({k: v for k, v in info.items() if k not in ("structure", "layer_scores", "removed_heads")})
+    return model, {"steps": infos, "compress_s": round(time.perf_counter() - start, 2)}
+
+
+def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    bundle = load_bundle(name)
+    settings = EvalSettings(max_windows=args.eval_windows, threads=args.threads, latency_runs=args.runs,
+                            progress=args.progress, **SETTINGS[name])
+    data = prepare_eval(bundle, settings)
+    rows = {"fp32": measure(bundle, data, settings)}
+    for label, steps in variants(name, args.calib_samples).items():
+        model, info = prune(bundle, steps, args.recover_steps, args.progress)
+        rows[label] = {**measure(ModelBundle(model, bundle.tokenizer, bundle.kind, name), data, settings), **info}
+        rows[label]["speedup"] = round(rows["fp32"]["latency_ms"] / rows[label]["latency_ms"], 3)
+        print(name, label, _line(rows[label]), flush=True)
+    print(name, "fp32", _line(rows["fp32"]), flush=True)
+    return rows
+
+
+def _line(row: dict[str, Any]) -> str:
+    keys = ("params", "ppl", "cosine", "accuracy", "latency_ms", "speedup", "compress_s")
+    return " ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in keys if k in row)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=20, help="latency runs (median reported)")
+    parser.add_argument("--calib-samples", type=int, default=64, help="calibration windows for the scores")
+    parser.add_argument("--eval-windows", type=int, default=None, help="perplexity windows (default: all)")
+    parser.add_argument("--recover-steps", type=int, default=0, help="finetune steps after pruning, if available")
+    parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    results = {name: run_model(name, args) for name in args.models}
+    results["settings"] = vars(args) | {"json": str(args.json)}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
