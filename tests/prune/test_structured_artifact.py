@@ -85,3 +85,20 @@ def test_uniform_pruning_loads_with_plain_transformers(tiny_llama: Path, tmp_pat
     plain = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert (plain.config.num_attention_heads, plain.config.num_key_value_heads, plain.config.intermediate_size) == (4, 2, 48)
     torch.testing.assert_close(_logits(plain), _logits(ours), atol=1e-6, rtol=1e-6)
+
+
+def test_pruned_then_quantized_round_trip(tmp_path: Path) -> None:
+    from slimformer.export.artifact import load_artifact, save_artifact
+    from slimformer.prune.structured import HeadsConfig, NeuronsConfig, heads, neurons
+    from slimformer.quant.rtn import RTNConfig, rtn
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=8,
+        num_key_value_heads=2, max_position_embeddings=128)).eval()
+    heads(model, HeadsConfig(sparsity=0.3, score="magnitude", scope="global"))
+    neurons(model, NeuronsConfig(sparsity=0.4, score="magnitude", scope="global", multiple_of=4))
+    rtn(model, RTNConfig(bits=4, group_size=16))  # QuantLinear modules of the pruned sizes
+    save_artifact(model, tmp_path, kind="decoder")
+    loaded, _ = load_artifact(tmp_path)
+    torch.testing.assert_close(_logits(loaded), _logits(model), atol=0, rtol=0)
