@@ -41,7 +41,8 @@ def _llama() -> torch.nn.Module:
 
 def _run(model: torch.nn.Module, method: str, ctx: StepContext | None = None, **values) -> dict:
     m = get_method(method)
-    calib = {"num_samples": 4, "seq_len": 64} if method != "magnitude" or values.get("allocation") else {}
+    calib = {"num_samples": 2 if method in ("taylor", "gradient") else 4, "seq_len": 64}  # a backward pass each
+    calib = calib if method != "magnitude" or values.get("allocation") else {}
     config = build_config(m.config_cls, {**calib, **values}, method)
     return m.apply(model, config, ctx or _ctx())
 
