@@ -35,12 +35,14 @@ model, info = train(model, MyTask(), data, TrainSettings(steps=100, lr=1e-4), ch
   slice of the same global order (DistributedSampler-equivalent), so N processes compute the same
   step as 1 process with the same global batch.
 - Distributed: under `torchrun` (WORLD_SIZE > 1) the process group is initialised (gloo on CPU,
-  nccl on CUDA) and the model wrapped in DistributedDataParallel, or FSDP with `strategy: fsdp`.
+  nccl on CUDA) and the model wrapped in DistributedDataParallel, or FSDP with `strategy: fsdp`
+  (GPUs only: PyTorch's FullyShardedDataParallel refuses CPU processes).
   Only rank 0 writes checkpoints and files. `slimformer.train.dist` has `rank()`, `world_size()`,
   `is_main()`, `init_distributed()`.
-- Checkpoints (with a folder, every `checkpoint_every` steps): weights, masks and RNG states as
-  safetensors, the optimizer through `torch.save` and `torch.load(weights_only=True)`; `resume=True`
-  continues from the last one and reproduces the uninterrupted run's weights exactly.
+- Checkpoints (with a folder, every `checkpoint_every` steps): weights (model + extras) and masks as
+  safetensors, the optimizer through `torch.save` and `torch.load(weights_only=True)`; the data
+  order and the dropout seed are functions of the step, so `resume=True` continues from the last
+  checkpoint and reproduces the uninterrupted run's weights exactly.
 - In a recipe, a step reaches the frozen uncompressed model as `ctx.teacher`, its data as
   `ctx.calib`, its checkpoint folder as `ctx.checkpoint` and `--resume` as `ctx.resume`. Register
   training steps with `kind="train"` (refused after a quantization step, like pruning).
