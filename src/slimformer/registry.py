@@ -28,8 +28,8 @@ _BUILTIN_MODULES = (
     "slimformer.quant.static",
     "slimformer.quant.smoothquant",
     "slimformer.quant.nonlinear",
-    "slimformer.train.steps",
     "slimformer.quant.qat",
+    "slimformer.train.steps",
 )
 
 

@@ -24,7 +24,6 @@ from torch import nn
 
 from slimformer.errors import UserError
 from slimformer.models.structure import apply_structure, describe_structure
-from slimformer.models.structure import apply_structure, describe_structure
 from slimformer.quant.lut_linear import LUTLinear
 from slimformer.quant.packing import pack_bitmask, pack_codes, unpack_bitmask, unpack_codes
 from slimformer.quant.qlinear import QuantLinear
@@ -61,7 +60,6 @@ def save_artifact(
         "modules": {name: {"class": type(m).__name__, **m.spec()} for name, m in _stored_modules(model).items()},
         "tensors": encodings,
         "tied": tied,
-        "structure": describe_structure(model),  # per-block heads/neurons: pruned models may be non-uniform
         "structure": describe_structure(model),  # per-block heads/neurons: pruned models may be non-uniform
         # every file loading relies on; the manifest seals itself with MANIFEST_DIGEST
         "sha256": {name: _sha256(folder / name) for name in sorted(set(written)) if (folder / name).is_file()},
@@ -223,8 +221,6 @@ def load_artifact(folder: Path, *, verified: dict[str, Any] | None = None) -> tu
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     loader = AutoModelForCausalLM if manifest["kind"] == "decoder" else AutoModel
     model = loader.from_config(config, dtype=torch.float32)
-    if manifest.get("structure"):  # shrink to the pruned sizes before any weight is loaded
-        apply_structure(model, manifest["structure"])
     if manifest.get("structure"):  # shrink to the pruned sizes before any weight is loaded
         apply_structure(model, manifest["structure"])
     for name, spec in manifest["modules"].items():
