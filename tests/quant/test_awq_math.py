@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from slimformer.quant.awq_math import awq_search, channel_scales, output_error, weight_mean
+from slimformer.quant.awq_math import (
+    awq_search, channel_scales, clip_search, diagonal_blocks, output_error, weight_mean,
+)
 from slimformer.quant.qlinear import QuantLinear
-from slimformer.quant.qscheme import fake_quantize
+from slimformer.quant.qscheme import compute_qparams, dequantize, fake_quantize, quantize
 
 
 def _outlier_inputs() -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,3 +68,31 @@ def test_weight_mean_per_group_with_a_short_last_group() -> None:
     assert torch.allclose(weight_mean(w, 2), expected)
     assert torch.allclose(weight_mean(w, -1), torch.tensor([(0.25 + 1 / 3) / 2, (0.5 + 1 / 3) / 2, (1.0 + 1 / 6) / 2,
                                                              (0.25 + 1 / 6) / 2, (0.75 + 1.0) / 2]))
+
+
+def test_diagonal_blocks_with_a_short_last_group() -> None:
+    h = torch.arange(100.0).view(10, 10)
+    blocks = diagonal_blocks(h, 4)  # groups [0:4], [4:8], [8:10] (padded)
+    assert blocks.shape == (3, 4, 4)
+    assert torch.equal(blocks[1], h[4:8, 4:8])
+    assert torch.equal(blocks[2, :2, :2], h[8:10, 8:10]) and blocks[2, 2:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("group_size", [16, 20, -1])
+def test_clip_search_lowers_group_errors(group_size: int) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(12, 40)
+    w[:, 3] *= 8  # outliers make plain min/max waste levels
+    x = torch.randn(256, 40)
+    h = x.T @ x
+    clip = clip_search(w, h, 3, group_size, symmetric=False)
+    assert clip.shape == (12, 1 if group_size == -1 else -(-40 // group_size))
+    assert bool((clip <= 1).all()) and bool((clip >= 0.5).all()) and bool((clip < 1).any())
+    plain = fake_quantize(w, 3, group_size, False)[0]
+    qp = compute_qparams(w, 3, group_size, False, clip=clip)
+    clipped = dequantize(quantize(w, qp), qp)
+    if group_size == -1:  # rows are independent: the exact output error can only fall
+        assert output_error(clipped - w, h) < 0.95 * output_error(plain - w, h)
+    else:
+        assert output_error(clipped - w, h) < output_error(plain - w, h)
+    assert clip_search(w, h, 3, 0, symmetric=False) is None

@@ -13,10 +13,10 @@ from slimformer.calibrate import observe_linears, run_on_targets
 from slimformer.config import TargetedConfig, check_positive
 from slimformer.context import StepContext
 from slimformer.models.layout import select_linears, weight_view
-from slimformer.quant.awq_math import awq_search
+from slimformer.quant.awq_math import awq_search, clip_search, output_error
 from slimformer.quant.gptq import HessianCollector, calibration_inputs
 from slimformer.quant.qlinear import QuantLinear
-from slimformer.quant.qscheme import check_scheme
+from slimformer.quant.qscheme import check_scheme, compute_qparams, dequantize, fake_quantize, quantize
 from slimformer.registry import register
 
 
@@ -24,6 +24,7 @@ from slimformer.registry import register
 class AWQConfig(TargetedConfig):
     """bits/group_size/symmetric as in `rtn`. grid: alpha values tried in [0, 1] (grid + 1 of them).
     duo: also try scales divided by the weight's per-channel magnitude (see awq_math).
+    clip: then shrink each group's range where that lowers the output error (AWQ's auto_clip).
     num_samples/seq_len: calibration windows (DESIGN default: 64 x 512)."""
 
     bits: int = 4
@@ -31,6 +32,7 @@ class AWQConfig(TargetedConfig):
     symmetric: bool = False
     grid: int = 20
     duo: bool = True
+    clip: bool = True
     num_samples: int = 64
     seq_len: int = 512
 
@@ -80,13 +82,12 @@ def awq(model: nn.Module, config: AWQConfig, ctx: StepContext | None = None) -> 
         observe_linears(block, layers, inputs, stats)
         for name, layer in layers.items():
             w = weight_view(layer).float()
-            s, alpha, ratio, duo = awq_search(w, stats.get(name), stats.mean_abs(name), config.bits,
+            h = stats.get(name)
+            s, alpha, ratio, duo = awq_search(w, h, stats.mean_abs(name), config.bits,
                                               config.group_size, config.symmetric, config.grid, config.duo)
             duos += duo
-            rounded = QuantLinear.from_float(layer, bits=config.bits, group_size=config.group_size,
-                                             symmetric=config.symmetric, weight=w * s)
-            q = QuantLinear.from_codes(rounded.codes, rounded.qparams(), getattr(layer, "bias", None),
-                                       input_scaled=True)
+            codes, qp, ratio = _round(w, h, s, ratio, config)
+            q = QuantLinear.from_codes(codes, qp, getattr(layer, "bias", None), input_scaled=True)
             q.input_scale.copy_(s)
             model.set_submodule(name, q)
             alphas.append(alpha)
@@ -101,3 +102,20 @@ def awq(model: nn.Module, config: AWQConfig, ctx: StepContext | None = None) -> 
             "bits": config.bits, "group_size": config.group_size, "symmetric": config.symmetric,
             "mean_alpha": round(sum(alphas) / n, 3), "mean_error_vs_rtn": round(sum(ratios) / n, 3),
             "duo_layers": sum(i.get("duo", 0) for i in infos)}
+
+
+def _round(w: torch.Tensor, h: torch.Tensor, s: torch.Tensor, ratio: float, config: AWQConfig):
+    """Codes and qparams of w * s (clipped per group with `config.clip`), and the final output
+    error relative to RTN (`ratio` is the scale search's, before clipping)."""
+    ws = w * s
+    clip = None
+    if config.clip:  # w*s sees inputs x/s, whose second moment is h / (s s^T)
+        clip = clip_search(ws, h / (s[:, None] * s[None, :]), config.bits, config.group_size, config.symmetric)
+    qp = compute_qparams(ws, config.bits, config.group_size, config.symmetric, clip=clip)
+    codes = quantize(ws, qp)
+    if clip is not None and ratio > 0:
+        before = output_error(fake_quantize(ws, config.bits, config.group_size, config.symmetric)[0] / s - w, h).item()
+        after = output_error(dequantize(codes, qp) / s - w, h).item()
+        ratio = ratio * after / before if before > 0 else ratio
+    return codes, qp, ratio
+

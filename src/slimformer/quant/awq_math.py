@@ -5,16 +5,20 @@ s_j = mean|x_j|^alpha before quantization (and dividing the input by s_j) shrink
 rounding error. alpha is searched on a grid per layer to minimise the layer's output error on
 calibration inputs. With `duo`, a second family of candidates also divides by the weight's own
 per-channel magnitude, s_j = mean|x_j|^alpha / mean|w_j|^(1 - alpha) (as llm-compressor's
-`duo_scaling`), and the better of the two is kept. Pure tensor functions; the model walking lives
-in `awq.py`.
+`duo_scaling`), and the better of the two is kept. Then, as the reference implementation's
+`auto_clip`, each group's range is shrunk by the factor that minimises that group's share of the
+output error (`clip_search`). Pure tensor functions; the model walking lives in `awq.py`.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from slimformer.quant.qscheme import fake_quantize
+from slimformer.quant.qscheme import compute_qparams, dequantize, fake_quantize, quantize
 
 
 def channel_scales(act_mean: Tensor, alpha: float) -> Tensor:
@@ -73,3 +77,43 @@ def awq_search(
                 best = (s, alpha, err, is_duo)
     assert best is not None
     return best[0], best[1], best[2] / base_err if base_err > 0 else 1.0, best[3]
+
+
+def diagonal_blocks(h: Tensor, group_size: int) -> Tensor:
+    """The (G, gs, gs) diagonal blocks of h (in, in) for groups of `group_size` inputs; the short
+    last group's block is zero-padded (its padded columns carry no weight)."""
+    in_f = h.shape[0]
+    g = math.ceil(in_f / group_size)
+    pad = g * group_size - in_f
+    hp = F.pad(h, (0, pad, 0, pad)).view(g, group_size, g, group_size)
+    return hp.diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [g, i, j] = h[g*gs + i, g*gs + j]
+
+
+def clip_search(
+    w: Tensor, h: Tensor, bits: int, group_size: int, symmetric: bool, grid: int = 20, max_shrink: float = 0.5
+) -> Tensor | None:
+    """Per-group range factors (the scale's shape: (out, n_groups)) in [1 - max_shrink, 1].
+
+    Each (row, group) keeps the factor whose rounding error costs least output energy
+    d_g H_gg d_g^T, H_gg being the group's diagonal block of the input second moment (cross-group
+    terms ignored, as in AWQ's auto_clip). Factor 1 (plain min/max) is a candidate, so no group
+    gets worse by that measure. None for per-tensor quantization.
+    """
+    if group_size == 0:
+        return None
+    w, h = w.float(), h.float()
+    out_f, in_f = w.shape
+    gs = in_f if group_size == -1 else group_size
+    blocks = diagonal_blocks(h, gs)  # (G, gs, gs)
+    n_groups, pad = blocks.shape[0], blocks.shape[0] * gs - in_f
+    best = torch.ones(out_f, n_groups)
+    best_err = torch.full((out_f, n_groups), math.inf)
+    for k in range(int(grid * max_shrink) + 1):
+        ratio = 1.0 - k / grid
+        qp = compute_qparams(w, bits, group_size, symmetric, clip=ratio)
+        d = F.pad(dequantize(quantize(w, qp), qp) - w, (0, pad)).view(out_f, n_groups, gs)
+        err = torch.einsum("ogi,gij,ogj->og", d, blocks, d)  # (out, G)
+        better = err < best_err
+        best = torch.where(better, torch.full_like(best, ratio), best)
+        best_err = torch.where(better, err, best_err)
+    return best

@@ -87,8 +87,13 @@ def _ceil_fp16(scale: Tensor) -> Tensor:
     return torch.where(scale == 0, torch.ones_like(s16), s16)
 
 
-def compute_qparams(w: Tensor, bits: int, group_size: int, symmetric: bool) -> QParams:
-    """Min/max scales (fp16) and zero points (int16) for a (out, in) weight."""
+def compute_qparams(
+    w: Tensor, bits: int, group_size: int, symmetric: bool, clip: Tensor | float | None = None
+) -> QParams:
+    """Min/max scales (fp16) and zero points (int16) for a (out, in) weight.
+
+    clip: optional factor(s) in (0, 1] shrinking each group's range (a scalar, or one per group with
+    the scale's shape): weights beyond the shrunk range saturate (see `awq_math.clip_search`)."""
     check_scheme(bits, group_size)
     if w.dim() != 2:
         raise UserError(f"quantization expects a 2-D (out, in) weight, got shape {tuple(w.shape)}.")
@@ -103,6 +108,8 @@ def compute_qparams(w: Tensor, bits: int, group_size: int, symmetric: bool) -> Q
     else:  # (out, n_groups); +inf/-inf padding leaves min/max of the short last group untouched
         lo = _grouped(w, group_size, math.inf).amin(dim=-1)
         hi = _grouped(w, group_size, -math.inf).amax(dim=-1)
+    if clip is not None:
+        lo, hi = lo * clip, hi * clip
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # the range always includes 0: zeros stay exact
     scale = torch.maximum(hi, -lo) / qmax if symmetric else (hi - lo) / (qmax - qmin)
     if bool((scale > _FP16_MAX).any()):
