@@ -653,6 +653,24 @@ def _one_line(text: str, limit: int = 300) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
+def run_benchmark(args: argparse.Namespace, plan: list, run_fn: Callable, prefix: str) -> None:
+    """Prepare the model and windows, run `plan` through `run_fn`, print the table, write --json."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        bench = prepare(args.max_windows, args.calib_windows, Path(tmp))
+        fp32 = perplexity(bench.model, bench.eval_windows, progress=False)["ppl"]
+        print(f"fp32 ppl {fp32:.2f} ({bench.eval_windows.shape[0]} windows; calibration {bench.calib_windows.shape[0]} "
+              f"windows x {SEQ_LEN}; {torch.get_num_threads()} threads)", flush=True)
+        rows = run_fn(plan, bench)
+    print("\n" + table(rows))
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"threads": torch.get_num_threads(), "max_windows": args.max_windows,
+                               "eval_windows": int(bench.eval_windows.shape[0]),
+                               "calib_windows": int(bench.calib_windows.shape[0]), "fp32_ppl": fp32,
+                               "rows": rows}, indent=2))
+    print(f"\nwrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default="out/peers.json")
@@ -665,21 +683,7 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     plan = [(s, [p for p in peers if not any(k in p.label for k in args.skip)]) for s, peers in selected(args.only)]
     plan = [(s, [] if args.ours_only else peers) for s, peers in plan if peers]
-    with tempfile.TemporaryDirectory(prefix="slimformer-peers-") as tmp:
-        bench = prepare(args.max_windows, args.calib_windows, Path(tmp))
-        fp32 = perplexity(bench.model, bench.eval_windows, progress=False)["ppl"]
-        print(f"fp32 ppl {fp32:.2f} ({bench.eval_windows.shape[0]} windows; calibration {bench.calib_windows.shape[0]} "
-              f"windows x {SEQ_LEN}; {torch.get_num_threads()} threads)", flush=True)
-        rows = run(plan, bench)
-    print("\n" + table(rows))
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": torch.get_num_threads(), "max_windows": args.max_windows,
-                               "eval_windows": int(bench.eval_windows.shape[0]),
-                               "calib_windows": int(bench.calib_windows.shape[0]), "fp32_ppl": fp32,
-                               "rows": rows}, indent=2))
-    print(f"\nwrote {out}")
-
+    run_benchmark(args, plan, run, "slimformer-peers-")
 
 if __name__ == "__main__":
     main()

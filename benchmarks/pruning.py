@@ -21,14 +21,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import tempfile
 import traceback
-from pathlib import Path
 from typing import Any
 
 import peers  # benchmarks/peers.py: Bench, prepare, run_ours, timed, table, llm-compressor driver
-import torch
 import transformers
 from torch import nn
 
@@ -172,21 +168,7 @@ def main() -> None:
     args = parser.parse_args()
     transformers.utils.logging.disable_progress_bar()
     plan = select(args.only, args.ours_only)
-    with tempfile.TemporaryDirectory(prefix="slimformer-pruning-") as tmp:
-        bench = peers.prepare(args.max_windows, args.calib_windows, Path(tmp))
-        fp32 = perplexity(bench.model, bench.eval_windows, progress=False)["ppl"]
-        print(f"fp32 ppl {fp32:.2f} ({bench.eval_windows.shape[0]} windows; calibration {bench.calib_windows.shape[0]} "
-              f"windows x {peers.SEQ_LEN}; {torch.get_num_threads()} threads)", flush=True)
-        rows = run(plan, bench)
-    print("\n" + peers.table(rows))
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": torch.get_num_threads(), "max_windows": args.max_windows,
-                               "eval_windows": int(bench.eval_windows.shape[0]),
-                               "calib_windows": int(bench.calib_windows.shape[0]), "fp32_ppl": fp32,
-                               "rows": rows}, indent=2))
-    print(f"\nwrote {out}")
-
+    peers.run_benchmark(args, plan, run, "slimformer-pruning-")
 
 if __name__ == "__main__":
     main()
