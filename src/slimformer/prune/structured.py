@@ -123,6 +123,20 @@ def _chosen(model: nn.Module, parts: list[BlockParts], config: TargetedConfig, r
     return chosen
 
 
+def _unit_scores(
+    model: nn.Module, parts: list[BlockParts], config: "HeadsConfig | NeuronsConfig", ctx: StepContext | None, unit: str
+) -> list[torch.Tensor]:
+    """Per-block importance of each head or neuron (`unit`), by `config.score`; magnitude needs no data."""
+    if config.score == "magnitude":
+        return scoring.magnitude_head_scores(parts) if unit == "heads" else scoring.magnitude_neuron_scores(parts)
+    windows = calibration_inputs(ctx, config.samples(config.score), config.seq_len, unit)
+    if config.score == "taylor":
+        return scoring.taylor_scores(model, parts, unit, windows, _kind(model, ctx), ctx)
+    if config.score == "information":
+        return scoring.information_scores(model, parts, windows, _kind(model, ctx), ctx)
+    return scoring.activation_neuron_scores(model, parts, windows, ctx)
+
+
 def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -133,14 +147,7 @@ def heads(model: nn.Module, config: HeadsConfig, ctx: StepContext | None = None)
     parts = block_parts(model, "heads")
     chosen = _chosen(model, parts, config, "o")
     before = _params(model)
-    if config.score == "magnitude":
-        scores = scoring.magnitude_head_scores(parts)
-    else:
-        windows = calibration_inputs(ctx, config.samples(config.score), config.seq_len, "heads")
-        if config.score == "taylor":
-            scores = scoring.taylor_scores(model, parts, "heads", windows, _kind(model, ctx), ctx)
-        else:
-            scores = scoring.information_scores(model, parts, windows, _kind(model, ctx), ctx)
+    scores = _unit_scores(model, parts, config, ctx, "heads")
     picked = [scores[i] for i in chosen]
     if config.scope == "global" and config.score != "information":  # information is already model-wide
         picked = normalize_per_layer(picked)
@@ -165,14 +172,7 @@ def neurons(model: nn.Module, config: NeuronsConfig, ctx: StepContext | None = N
     parts = block_parts(model, "neurons")
     chosen = _chosen(model, parts, config, "mlp_out")
     before = _params(model)
-    if config.score == "magnitude":
-        scores = scoring.magnitude_neuron_scores(parts)
-    else:
-        windows = calibration_inputs(ctx, config.samples(config.score), config.seq_len, "neurons")
-        if config.score == "taylor":
-            scores = scoring.taylor_scores(model, parts, "neurons", windows, _kind(model, ctx), ctx)
-        else:
-            scores = scoring.activation_neuron_scores(model, parts, windows, ctx)
+    scores = _unit_scores(model, parts, config, ctx, "neurons")
     keep = choose_neurons([scores[i] for i in chosen], config.sparsity, config.scope, config.multiple_of)
     total = sum(parts[i].intermediate for i in chosen)
     with torch.no_grad():
