@@ -528,24 +528,26 @@ SETTINGS = (
 # running
 
 
-def selected(only: list[str] | None) -> list[tuple[Setting, list[Peer]]]:
-    """Settings and peers named by --only (setting keys and/or library names; none named: all)."""
+def selected(only: list[str] | None, settings: tuple = (), libraries: Any = ()) -> list[tuple[Setting, list[Peer]]]:
+    """Settings and peers named by --only (setting keys and/or library names; none named: all).
+    `settings`/`libraries` default to this file's; a setting with no peer is kept unless a library
+    was named (benchmarks/pruning.py has ours-only rows)."""
+    settings = settings or SETTINGS
+    libraries = sorted(libraries or {LLMC, TORCHAO, QUANTO, TORCH_AO, ORT})
     names = set(only or ())
-    keys = {s.key for s in SETTINGS}
-    unknown = names - keys - {p.library for s in SETTINGS for p in s.peers}
+    keys = {s.key for s in settings}
+    unknown = names - keys - set(libraries)
     if unknown:
-        raise SystemExit(f"--only: unknown name(s) {sorted(unknown)}; settings: {sorted(keys)}; "
-                         f"libraries: {sorted({LLMC, TORCHAO, QUANTO, TORCH_AO, ORT})}")
+        raise SystemExit(f"--only: unknown name(s) {sorted(unknown)}; settings: {sorted(keys)}; libraries: {libraries}")
     want_settings, want_libs = names & keys, names - keys
     plan = []
-    for s in SETTINGS:
+    for s in settings:
         if want_settings and s.key not in want_settings:
             continue
         peers = [p for p in s.peers if not want_libs or p.library in want_libs]
-        if peers:
+        if peers or not want_libs:
             plan.append((s, peers))
     return plan
-
 
 LIBRARY_MODULES = {LLMC: "llmcompressor", TORCHAO: "torchao.quantization", QUANTO: "optimum.quanto",
                    TORCH_AO: "torch.ao.quantization", ORT: "onnxruntime.quantization"}

@@ -104,24 +104,8 @@ SETTINGS = (
 
 
 def select(only: list[str] | None, ours_only: bool) -> list[tuple[peers.Setting, list[peers.Peer]]]:
-    """Settings and peers named by --only (setting keys and/or library names; none named: all)."""
-    names = set(only or ())
-    keys = {s.key for s in SETTINGS}
-    unknown = names - keys - set(LIBRARY_MODULES)
-    if unknown:
-        raise SystemExit(f"--only: unknown name(s) {sorted(unknown)}; settings: {sorted(keys)}; "
-                         f"libraries: {sorted(LIBRARY_MODULES)}")
-    want_settings, want_libs = names & keys, names - keys
-    plan = []
-    for s in SETTINGS:
-        if want_settings and s.key not in want_settings:
-            continue
-        chosen = [p for p in s.peers if not want_libs or p.library in want_libs]
-        if want_libs and not chosen:
-            continue
-        plan.append((s, [] if ours_only else chosen))
-    return plan
-
+    """Settings and peers named by --only (peers.selected over this file's settings)."""
+    return [(s, [] if ours_only else chosen) for s, chosen in peers.selected(only, SETTINGS, LIBRARY_MODULES)]
 
 def run_peer(peer: peers.Peer, bench: peers.Bench) -> dict[str, Any]:
     """One peer on a fresh copy (its library imported before the timer); failures become rows."""
