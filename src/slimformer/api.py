@@ -125,13 +125,15 @@ def evaluate(model: str | Path | ModelBundle, eval: str | EvalSettings | None = 
 
 def export(
     model: str | Path | ModelBundle, output: str | Path, *, format: str = "onnx", overwrite: bool = False,  # noqa: A002
-    threads: int | None = None, dtype: str = "float32", kv_cache: bool = False,
+    threads: int | None = None, dtype: str = "float32", kv_cache: bool = False, int4_compute: str = "fp32",
 ) -> dict[str, Any]:
     """Export a model (alias, HF folder or compressed folder) to `output` and check the file against
     the PyTorch model on real inputs (built-in evaluation text: 2 windows of 128 tokens for decoders,
     16 tweets for encoders). Returns {path, bytes, seconds, layers_swapped, opset, parity}.
     format="hf": a plain Hugging Face folder instead (see `save_hf`; `dtype` applies there).
-    kv_cache=True (decoders): past/present key/value inputs and outputs for incremental decoding."""
+    kv_cache=True (decoders): past/present key/value inputs and outputs for incremental decoding.
+    int4_compute="int8": 4-bit layers multiply int8-quantized activations in onnxruntime (faster,
+    slightly less exact; the parity check shows by how much); "fp32" (default) is exact."""
     from slimformer.export.onnx import OrtModel, export_onnx, parity
 
     if format == "hf":
@@ -145,7 +147,7 @@ def export(
         raise UserError(f"output '{out}' already exists; choose another path or pass --overwrite.")
     bundle = load_bundle(model) if not isinstance(model, ModelBundle) else model
     ids, mask = _parity_inputs(bundle)
-    info = export_onnx(bundle.model, bundle.kind, out, kv_cache=kv_cache)
+    info = export_onnx(bundle.model, bundle.kind, out, kv_cache=kv_cache, int4_compute=int4_compute)
     info["parity"] = parity(bundle.model, OrtModel(out, bundle.kind, threads=threads), ids, mask)
     return {"model": bundle.name, "kind": bundle.kind, **info}
 

@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help="replace an existing output")
     x.add_argument("--kv-cache", action="store_true",
                    help="onnx, decoders: add past/present key/value tensors for incremental decoding (bench decode)")
+    x.add_argument("--int4-compute", default="fp32", choices=["fp32", "int8"],
+                   help="onnx, 4-bit layers (MatMulNBits): fp32 = exact (default); int8 = onnxruntime quantizes "
+                        "their inputs to int8 per block and multiplies in integers (much faster decode, slightly "
+                        "less exact)")
     x.add_argument("--threads", type=int, help="onnxruntime threads for the parity check")
     x.add_argument("--json", metavar="FILE", help="also write the export summary as JSON")
 
@@ -142,7 +146,7 @@ def _run(args: argparse.Namespace) -> int:
             Path(args.json).write_text(json.dumps(result, indent=2))
     elif args.command == "export":
         result = api.export(args.model, args.output, format=args.format, overwrite=args.overwrite, threads=args.threads,
-                            kv_cache=args.kv_cache)
+                            kv_cache=args.kv_cache, int4_compute=args.int4_compute)
         p = result["parity"]
         print(f"wrote {result['path']}: {result['bytes'] / 1e6:.1f} MB, opset {result['opset']}, "
               f"{result['layers_swapped']} quantized layers exported, {result['seconds']} s")

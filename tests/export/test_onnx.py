@@ -158,3 +158,22 @@ def test_int4_awq_input_scale_exports(tmp_path) -> None:
     ref, got, info = _round_trip(model, "decoder", tmp_path)
     assert info["layers_swapped"] == 14
     assert (got - ref).abs().max().item() < 1e-4
+
+
+def test_int4_int8_compute_sets_accuracy_level(tmp_path) -> None:
+    model = _llama()
+    rtn(model, RTNConfig(bits=4, group_size=16))
+    info = export_onnx(model, "decoder", tmp_path / "model.onnx", int4_compute="int8")
+    nodes = [n for n in onnx.load(info["path"]).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 14
+    levels = [onnx.helper.get_attribute_value(a) for n in nodes for a in n.attribute if a.name == "accuracy_level"]
+    assert levels == [4] * 14
+    ids, mask = _inputs(model.config.vocab_size)
+    ref = _outputs(model, "decoder", ids, mask)
+    got = OrtModel(info["path"], "decoder")(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()
+    cos = F.cosine_similarity(got[keep], ref[keep], dim=-1)
+    assert cos.min().item() > 0.99  # int8 activations per block: close, not exact
+    with pytest.raises(UserError, match="int4_compute"):
+        export_onnx(model, "decoder", tmp_path / "bad.onnx", int4_compute="int4")
+    assert not (tmp_path / "bad.onnx").exists()

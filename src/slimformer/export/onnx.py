@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from slimformer.errors import UserError
-from slimformer.export.onnx_ops import export_form
+from slimformer.export.onnx_ops import INT4_COMPUTE, export_form
 
 OPSET = 17
 OUTPUT_NAMES = {"decoder": "logits", "encoder": "last_hidden_state"}
@@ -81,12 +81,14 @@ def kv_names(n_layers: int) -> tuple[list[str], list[str]]:
     return past, [name.replace("past_key_values", "present") for name in past]
 
 
-def onnx_ready(model: nn.Module, *, int4: bool = True) -> tuple[nn.Module, int]:
+def onnx_ready(model: nn.Module, *, int4: bool = True, int4_compute: str = "fp32") -> tuple[nn.Module, int]:
     """A copy of `model` with each slimformer layer replaced by its ONNX form; (copy, layers swapped)."""
+    if int4_compute not in INT4_COMPUTE:
+        raise UserError(f"int4_compute must be one of {', '.join(INT4_COMPUTE)}, got {int4_compute!r}.")
     model = copy.deepcopy(model).eval()
     swaps = []
     for name, module in model.named_modules():
-        form = export_form(module, int4=int4)
+        form = export_form(module, int4=int4, int4_compute=int4_compute)
         if form is not None:
             swaps.append((name, form))
     for name, form in swaps:
@@ -97,10 +99,14 @@ def onnx_ready(model: nn.Module, *, int4: bool = True) -> tuple[nn.Module, int]:
 
 def export_onnx(
     model: nn.Module, kind: str, path: str | Path, *, seq: int = 16, int4: bool = True, kv_cache: bool = False,
+    int4_compute: str = "fp32",
 ) -> dict[str, Any]:
     """Write `model` (decoder or encoder) to `path` as ONNX; returns {path, bytes, seconds, layers}.
 
     int4=False writes 4-bit weight-only layers as dense fp32 MatMuls instead of MatMulNBits.
+    int4_compute="int8" sets MatMulNBits' accuracy_level 4: onnxruntime quantizes each layer's
+    input to int8 per block and multiplies in integers (fast on CPUs with VNNI); "fp32" (default)
+    computes exactly what the PyTorch model computes.
     kv_cache=True (decoders): the graph also takes `past_key_values.{i}.key/value` (batch, heads,
     past, head_dim) and returns `present.{i}.key/value` after `logits`, for incremental decoding;
     the attention mask then spans past + new tokens. An empty past (length 0) is a plain forward.
@@ -115,7 +121,7 @@ def export_onnx(
     if not path.parent.is_dir():
         raise UserError(f"output folder '{path.parent}' does not exist.")
     start = time.perf_counter()
-    ready, swapped = onnx_ready(model, int4=int4)
+    ready, swapped = onnx_ready(model, int4=int4, int4_compute=int4_compute)
     vocab = _vocab_size(model)
     ids = torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
