@@ -1,4 +1,4 @@
-"""A real 2-process gloo run under torchrun equals the 1-process run with the same global batch."""
+"""A real 2-process gloo run under torchrun (DDP, and FSDP2 on CPU) equals the 1-process run with the same global batch."""
 
 from __future__ import annotations
 
@@ -19,15 +19,15 @@ from slimformer.train.tasks import SupervisedTask
 HERE = Path(__file__).parent
 
 
-def _torchrun(out: Path, strategy: str) -> None:
+def _torchrun(out: Path, strategy: str, scenario: str = "plain") -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1] / "src")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(HERE / "ddp_worker.py"), str(out), strategy]
+           str(HERE / "ddp_worker.py"), str(out), strategy, scenario]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("strategy", ["ddp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_process_run_equals_one_process(tmp_path: Path, strategy: str) -> None:
     _torchrun(tmp_path, strategy)
     r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
@@ -44,7 +44,8 @@ def test_two_process_run_equals_one_process(tmp_path: Path, strategy: str) -> No
 
 
 @pytest.mark.slow
-def test_cli_under_torchrun_writes_one_output(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_cli_under_torchrun_writes_one_output(tmp_path: Path, strategy: str) -> None:
     """`torchrun -m slimformer compress`: both ranks train, rank 0 alone measures and writes."""
     import json
 
@@ -58,7 +59,8 @@ def test_cli_under_torchrun_writes_one_output(tmp_path: Path) -> None:
         vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024)).save_pretrained(tmp_path / "tiny")
     tok.save_pretrained(tmp_path / "tiny")
-    (tmp_path / "r.yaml").write_text("steps:\n  - method: finetune\n    steps: 2\n    batch_size: 2\n    seq_len: 32\n")
+    (tmp_path / "r.yaml").write_text("steps:\n  - method: finetune\n    steps: 2\n    batch_size: 2\n    seq_len: 32\n"
+                                     f"    strategy: {strategy}\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "slimformer",
            "compress", str(tmp_path / "tiny"), "--recipe", str(tmp_path / "r.yaml"), "--output", str(tmp_path / "out"),

@@ -35,8 +35,10 @@ model, info = train(model, MyTask(), data, TrainSettings(steps=100, lr=1e-4), ch
   slice of the same global order (DistributedSampler-equivalent), so N processes compute the same
   step as 1 process with the same global batch.
 - Distributed: under `torchrun` (WORLD_SIZE > 1) the process group is initialised (gloo on CPU,
-  nccl on CUDA) and the model wrapped in DistributedDataParallel, or FSDP with `strategy: fsdp`
-  (GPUs only: PyTorch's FullyShardedDataParallel refuses CPU processes).
+  nccl on CUDA) and the model wrapped in DistributedDataParallel, or sharded with FSDP2
+  (`fully_shard`, on CPU and CUDA) with `strategy: fsdp`: a copy of the model is sharded, and the
+  caller's model receives the trained weights; an overridden `after_step` then gets a full CPU copy
+  whose edits are written back to the shards (a gather per step).
   Only rank 0 writes checkpoints and files. `slimformer.train.dist` has `rank()`, `world_size()`,
   `is_main()`, `init_distributed()`.
 - Checkpoints (with a folder, every `checkpoint_every` steps): weights (model + extras) and masks as

@@ -62,19 +62,53 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `t`: an FSDP parameter's (DTensor's) local shard, else `t`; in-place edits reach `t`."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The part of the unsharded tensor `full` that lies on this rank's shard of `like`, on `like`'s device."""
+    if not _is_dtensor(like):
+        return full.to(like.device)
+    from torch.distributed.tensor import distribute_tensor
+
+    # src_data_rank=None: every rank holds `full`, so each cuts its own part without communicating
+    part = distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+    return part.to_local()
+
+
 def wrap(module: nn.Module, strategy: Literal["ddp", "fsdp"]) -> nn.Module:
-    """`module` wrapped for data-parallel training across the process group (unchanged alone)."""
+    """`module` wrapped for data-parallel training across the process group (unchanged alone).
+
+    fsdp: FSDP2 (`fully_shard`) in place on a 1-D device mesh, on CUDA (nccl) and on CPU (gloo) alike:
+    each Transformer block is one shard group, the remaining parameters the root's. Its parameters and
+    gradients become DTensors sharded along dim 0; the returned module is `module` itself."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return module
     dev = device()
     if strategy == "fsdp":
-        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
 
-        if dev.type != "cuda":
-            raise UserError("strategy: fsdp shards the model across GPUs (nccl); PyTorch's FSDP does not run on "
-                            "CPU processes. Use strategy: ddp on CPU.")
+        from slimformer.models.layout import find_blocks
 
-        return FullyShardedDataParallel(module, device_id=dev, use_orig_params=True)
+        mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
+        try:
+            _, blocks = find_blocks(module)
+        except UserError:  # no block list: the whole model is one shard group
+            blocks = nn.ModuleList()
+        for block in blocks:
+            fully_shard(block, mesh=mesh)
+        return fully_shard(module, mesh=mesh)
     # find_unused_parameters: e.g. BERT's pooler gets no gradient when states are mean-pooled
     return nn.parallel.DistributedDataParallel(module, device_ids=[dev] if dev.type == "cuda" else None,
                                                find_unused_parameters=True)

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -126,9 +127,10 @@ def fixed_masks(model: nn.Module) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
-    """Zero the masked-out weights (in place)."""
+    """Zero the masked-out weights (in place; an FSDP-sharded weight shard by shard)."""
     for name, mask in masks.items():
-        model.get_submodule(name).weight.mul_(mask.to(model.get_submodule(name).weight.device))
+        weight = model.get_submodule(name).weight
+        dist.local(weight).mul_(dist.local_part(mask, weight))
 
 
 def train(model: nn.Module, task: TrainTask, data: TrainData, options: TrainOptions, *,
@@ -136,7 +138,7 @@ def train(model: nn.Module, task: TrainTask, data: TrainData, options: TrainOpti
     """Train `model` with `task` on `data` for `options.steps` steps; returns (model, info).
 
     Under torchrun, every rank calls this with the same arguments; rank 0 alone writes checkpoints
-    (FSDP: each rank also writes its own optimizer shard)."""
+    (FSDP: gathered into full, unsharded weights and optimizer state first)."""
     distributed = dist.init_distributed()
     rank, world = dist.rank(), dist.world_size()
     dev = dist.device()
@@ -146,18 +148,20 @@ def train(model: nn.Module, task: TrainTask, data: TrainData, options: TrainOpti
     module = TrainModule(model, task).to(dev)
     masks = {k: v.to(dev) for k, v in fixed_masks(model).items()}
     start = 0
+    fsdp = distributed and world > 1 and options.strategy == "fsdp"
     found = _latest(checkpoint) if resume and checkpoint is not None else None
     if found is not None:
-        start, masks = _load_weights(found, module, dev)
-    fsdp = distributed and world > 1 and options.strategy == "fsdp"
-    template = copy.deepcopy(module).cpu() if fsdp else None
+        start, masks = _load_weights(found, module, dev, fsdp)
+    template = None
+    if fsdp:
+        template, module = _fsdp_split(module, dev)
     wrapped = dist.wrap(module, options.strategy)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     if not params:
         raise UserError("training found no trainable parameter (every parameter has requires_grad=False).")
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
     if found is not None:
-        optimizer.load_state_dict(torch.load(_optim_path(found, fsdp, rank), weights_only=True, map_location=dev))
+        _load_optimizer(found, wrapped, optimizer, fsdp, dev)
     state = TrainState(start, 0.0, masks)
     curve: list[float] = []
     t0 = time.perf_counter()
@@ -169,11 +173,13 @@ def train(model: nn.Module, task: TrainTask, data: TrainData, options: TrainOpti
             lr = lr_at(step, options.lr, options.steps, options.warmup_steps, options.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = _step(wrapped, optimizer, data, step, options, rank, world, dev, masks, fsdp)
+            loss = _step(wrapped, optimizer, data, step, options, rank, world, dev, masks)
             state.step, state.lr = step + 1, lr
-            with _full_params(wrapped, fsdp):
-                apply_masks(module.model, state.masks)
-                task.after_step(module.model, state)
+            apply_masks(module.model, state.masks)
+            if type(task).after_step is not TrainTask.after_step:  # FSDP: a full-weight round trip, so only if needed
+                with _full_model(wrapped, module, template, fsdp) as full:
+                    task.after_step(full.model, state)
+                state.masks.update({k: v.to(dev) for k, v in state.masks.items()})
             masks = state.masks
             curve.append(loss)
             bar.set_postfix(loss=f"{loss:.4f}")
@@ -181,7 +187,7 @@ def train(model: nn.Module, task: TrainTask, data: TrainData, options: TrainOpti
                 _save(checkpoint, step + 1, wrapped, module, template, optimizer, state.masks, fsdp, rank)
     wrapped.eval()
     if fsdp:
-        template.load_state_dict(_state_dict(wrapped, module, fsdp))
+        _gather(wrapped, template)
         module = template
     model = module.model.cpu().eval()
     model, info = task.finish(model)
@@ -192,27 +198,22 @@ def train(model: nn.Module, task: TrainTask, data: TrainData, options: TrainOpti
 
 
 def _step(wrapped: nn.Module, optimizer: torch.optim.Optimizer, data: TrainData, step: int, options: TrainOptions,
-          rank: int, world: int, dev: torch.device, masks: dict[str, Tensor], fsdp: bool) -> float:
+          rank: int, world: int, dev: torch.device, masks: dict[str, Tensor]) -> float:
     """One optimizer step over this rank's micro-batches; returns the mean loss over all ranks."""
     batches = micro_batches(data, step, options.batch_size, options.grad_accum, rank, world, options.seed)
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=dev)
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1
-        ctx = wrapped.no_sync() if (not sync and hasattr(wrapped, "no_sync")) else contextlib.nullcontext()
-        with ctx:
+        with contextlib.nullcontext() if sync else _no_grad_sync(wrapped):
             loss, _ = wrapped({k: v.to(dev) for k, v in batch.items()})
             if not torch.isfinite(loss):
                 raise UserError(f"training loss became {loss.item()} at step {step + 1}; lower lr (now {options.lr}).")
             (loss / len(batches)).backward()
         total += loss.detach() / len(batches)
-    if not fsdp:
-        _mask_grads(wrapped, masks)
-    if options.max_grad_norm > 0:
-        if fsdp:
-            wrapped.clip_grad_norm_(options.max_grad_norm)
-        else:
-            torch.nn.utils.clip_grad_norm_([p for p in wrapped.parameters() if p.grad is not None], options.max_grad_norm)
+    _mask_grads(wrapped, masks)
+    if options.max_grad_norm > 0:  # FSDP: DTensor gradients, whose norm clip_grad_norm_ reduces across ranks
+        torch.nn.utils.clip_grad_norm_([p for p in wrapped.parameters() if p.grad is not None], options.max_grad_norm)
     optimizer.step()
     if world > 1:
         torch.distributed.all_reduce(total)
@@ -224,66 +225,94 @@ def _mask_grads(wrapped: nn.Module, masks: dict[str, Tensor]) -> None:
     model = _inner(wrapped).model
     for name, mask in masks.items():
         grad = model.get_submodule(name).weight.grad
-        if grad is not None:
-            grad.mul_(mask)
+        if grad is not None:  # FSDP: a sharded DTensor, masked shard by shard
+            dist.local(grad).mul_(dist.local_part(mask, grad))
+
+
+@contextlib.contextmanager
+def _no_grad_sync(wrapped: nn.Module) -> Iterator[None]:
+    """Accumulate this micro-batch's gradients without syncing them across ranks."""
+    if hasattr(wrapped, "no_sync"):  # DDP
+        with wrapped.no_sync():
+            yield
+    elif hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2: no reduce-scatter until the last micro-batch
+        wrapped.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            wrapped.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def _inner(wrapped: nn.Module) -> TrainModule:
     return wrapped.module if not isinstance(wrapped, TrainModule) else wrapped
 
 
-def _full_params(wrapped: nn.Module, fsdp: bool) -> contextlib.AbstractContextManager:
+def _fsdp_split(module: TrainModule, dev: torch.device) -> tuple[TrainModule, TrainModule]:
+    """(template, to_shard). FSDP2 turns the module it shards into DTensors in place, so it shards a copy
+    of the model (on `dev`) with the task's own extras (what the task's `loss` uses); the template keeps
+    the caller's model, on the CPU, with a copy of the extras, and receives the trained weights."""
+    template = module.cpu()
+    extras = copy.deepcopy(template.extras)
+    to_shard = TrainModule(copy.deepcopy(template.model), template._task[0]).to(dev)
+    template.extras = extras
+    return template, to_shard
+
+
+@contextlib.contextmanager
+def _full_model(wrapped: nn.Module, module: TrainModule, template: TrainModule | None,
+                fsdp: bool) -> Iterator[TrainModule]:
+    """The TrainModule with full weights, for `after_step`. FSDP: the unsharded CPU copy `template`,
+    filled from the shards and written back to them afterwards (collective: every rank enters)."""
     if not fsdp:
-        return contextlib.nullcontext()
-    from torch.distributed.fsdp import FullyShardedDataParallel
+        yield module
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    return FullyShardedDataParallel.summon_full_params(wrapped, writeback=True)
-
-
-def _state_dict(wrapped: nn.Module, module: TrainModule, fsdp: bool) -> dict[str, Tensor]:
-    """The full (unsharded) TrainModule state on CPU."""
-    if not fsdp:
-        return module.state_dict()
-    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
-
-    cfg = FullStateDictConfig(offload_to_cpu=True, rank0_only=False)
-    with FullyShardedDataParallel.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, cfg):
-        return wrapped.state_dict()
+    _gather(wrapped, template)
+    yield template
+    set_model_state_dict(wrapped, template.state_dict(), options=StateDictOptions(full_state_dict=True))
 
 
-# ---- checkpoints: <folder>/step_<n>/{model.safetensors, masks.safetensors, optimizer*.pt, state.json}
+@torch.no_grad()
+def _gather(wrapped: nn.Module, template: TrainModule) -> None:
+    """Copy the FSDP-sharded weights of `wrapped` into its unsharded CPU copy `template`, one tensor at a
+    time (so only one full tensor is on the device at once). Collective: every rank calls it."""
+    full = template.state_dict()
+    for name, value in wrapped.state_dict().items():  # FSDP2 keeps the names; values are DTensors
+        full[name].copy_(value.full_tensor() if hasattr(value, "full_tensor") else value)
+
+
+# ---- checkpoints: <folder>/step_<n>/{model.safetensors, masks.safetensors, optimizer.pt, state.json}
+# (FSDP: full weights, and one full optimizer state keyed by parameter name, so any number of ranks can resume)
 
 def _latest(folder: Path) -> Path | None:
     done = sorted(p for p in Path(folder).glob("step_*") if (p / "state.json").exists())
     return done[-1] if done else None
 
 
-def _optim_path(folder: Path, fsdp: bool, rank: int) -> Path:
-    return folder / (f"optimizer.rank{rank}.pt" if fsdp else "optimizer.pt")
-
-
-def _save(folder: Path, step: int, wrapped: nn.Module, module: TrainModule, template: nn.Module | None,
+def _save(folder: Path, step: int, wrapped: nn.Module, module: TrainModule, template: TrainModule | None,
           optimizer: torch.optim.Optimizer, masks: dict[str, Tensor], fsdp: bool, rank: int) -> None:
     from safetensors.torch import save_file, save_model
 
     folder = Path(folder)
     target = folder / f"step_{step:06d}"
     tmp = folder / f".step_{step:06d}.tmp"
-    state = _state_dict(wrapped, module, fsdp)  # collective under FSDP: every rank takes part
+    if fsdp:  # collectives: every rank takes part; the optimizer state becomes one full dict keyed by name
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        _gather(wrapped, template)
+        optim_state = get_optimizer_state_dict(wrapped, optimizer,
+                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        optim_state = optimizer.state_dict()
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    dist.barrier()
-    if fsdp:
-        torch.save(optimizer.state_dict(), _optim_path(tmp, fsdp, rank))
-    if rank == 0:
-        holder = template if template is not None else module
-        if template is not None:
-            template.load_state_dict(state)
-        save_model(holder.cpu() if template is not None else holder, str(tmp / "model.safetensors"))
+        save_model(template if fsdp else module, str(tmp / "model.safetensors"))
         save_file({k: v.detach().cpu().contiguous() for k, v in masks.items()}, str(tmp / "masks.safetensors"))
-        if not fsdp:
-            torch.save(optimizer.state_dict(), _optim_path(tmp, fsdp, rank))
+        torch.save(optim_state, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": dist.world_size(), "fsdp": fsdp}))
     dist.barrier()
     if rank == 0:
@@ -294,16 +323,32 @@ def _save(folder: Path, step: int, wrapped: nn.Module, module: TrainModule, temp
     dist.barrier()
 
 
-def _load_weights(found: Path, module: TrainModule, dev: torch.device) -> tuple[int, dict[str, Tensor]]:
-    """Restore weights from checkpoint `found`; returns (steps done, masks)."""
+def _load_weights(found: Path, module: TrainModule, dev: torch.device, fsdp: bool) -> tuple[int, dict[str, Tensor]]:
+    """Restore weights from checkpoint `found` (before any wrapping); returns (steps done, masks)."""
     from safetensors.torch import load_file, load_model
 
     meta = json.loads((found / "state.json").read_text())
-    if meta.get("world_size", 1) != dist.world_size() and meta.get("fsdp"):
-        raise UserError(f"checkpoint '{found}' was written by {meta['world_size']} FSDP processes; resume with the same number.")
+    if not (found / "optimizer.pt").exists():
+        raise UserError(f"checkpoint '{found}' has no optimizer.pt (an older FSDP checkpoint, one optimizer file per "
+                        "rank, which this version cannot read); delete it or run without --resume.")
+    if bool(meta.get("fsdp")) != fsdp:  # the two optimizer-state layouts differ (by parameter name vs by index)
+        how = ("with strategy: fsdp under torchrun", "with strategy: ddp or in one process")[not meta.get("fsdp")]
+        raise UserError(f"checkpoint '{found}' was written {how}; resume it the same way, or delete it.")
     try:
         load_model(module, str(found / "model.safetensors"), strict=True, device=str(dev))
     except RuntimeError as exc:
         raise UserError(f"checkpoint '{found}' does not fit this model ({str(exc)[:200]}); delete it or run without --resume.") from None
     masks = {k: v.to(dev) for k, v in load_file(str(found / "masks.safetensors")).items()}
     return int(meta["step"]), masks
+
+
+def _load_optimizer(found: Path, wrapped: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool,
+                    dev: torch.device) -> None:
+    """Restore the optimizer state from checkpoint `found` (FSDP: the full dict, cut into this rank's shards)."""
+    if not fsdp:
+        optimizer.load_state_dict(torch.load(found / "optimizer.pt", weights_only=True, map_location=dev))
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = torch.load(found / "optimizer.pt", weights_only=True, map_location="cpu")
+    set_optimizer_state_dict(wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True))
