@@ -1,4 +1,4 @@
-"""Structured pruning (heads / neurons physically removed) before recovery, DESIGN.md protocol.
+"""Structured pruning (heads / neurons physically removed), before and after recovery, DESIGN.md protocol.
 
     python benchmarks/structured.py --json out/structured.json [--models smollm2-135m minilm-l6]
         [--threads 2] [--runs 20] [--calib-samples 64] [--eval-windows N] [--recover-steps N]
@@ -7,9 +7,10 @@
   latency 1 x 512, perplexity on lee-news (all evaluation windows unless --eval-windows).
 - minilm-l6: fp32 and `heads` 25% + `neurons` 25%: parameters, latency 32 x 128, embedding cosine
   to fp32 and the tweets probe accuracy.
-Speedups are latency ratios to the fp32 model measured in the same run. `--recover-steps N` runs a
-`finetune` step of N steps after pruning when that method is registered (the training loop lives
-elsewhere); otherwise the rows are "before recovery" only and the script says so.
+Speedups are latency ratios to the fp32 model measured in the same run. `--recover-steps N` then runs
+a `finetune` step of N steps on the pruned model (next-token loss on the lee-news calibration pool,
+or the tweets task loss for the encoder, `--recover-lr`) and measures its quality again in a
+"+ finetune N" row; its shapes are unchanged, so its latency is the pruned row's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import copy
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from slimformer.data.sources import load_data
 from slimformer.evaluate.measure import DEFAULT_CALIB, EvalSettings, measure, prepare_eval
 from slimformer.models.loading import ModelBundle, load_bundle
 from slimformer.recipe import Recipe
-from slimformer.registry import get_method, known_methods
+from slimformer.registry import get_method
 
 SETTINGS = {  # latency shape per model (DESIGN.md / issue 4)
     "smollm2-135m": {"latency_batch": 1, "latency_seq": 512},
@@ -48,22 +50,16 @@ def variants(model: str, calib_samples: int) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def prune(bundle: ModelBundle, steps: list[dict[str, Any]], recover_steps: int, progress: bool) -> tuple[Any, dict]:
-    """A pruned copy of the bundle's model and what its steps reported (plus timing)."""
-    model = copy.deepcopy(bundle.model)
+def apply_steps(model: Any, bundle: ModelBundle, steps: list[dict[str, Any]], progress: bool) -> dict[str, Any]:
+    """Run recipe `steps` on `model` in place; what they reported (plus timing)."""
     ctx = StepContext(tokenizer=bundle.tokenizer, kind=bundle.kind, calib=load_data(DEFAULT_CALIB[bundle.kind], "calib"),
                       progress=progress)
-    if recover_steps:
-        if "finetune" in known_methods():
-            steps = [*steps, {"method": "finetune", "steps": recover_steps}]
-        else:
-            print("--recover-steps: no `finetune` method is registered yet; measuring before recovery only.")
     start = time.perf_counter()
     infos = []
     for step in Recipe.from_dict({"steps": steps}).steps:
         info = get_method(step.method).apply(model, step.config, ctx)
         infos.append({k: v for k, v in info.items() if k not in ("structure", "layer_scores", "removed_heads")})
-    return model, {"steps": infos, "compress_s": round(time.perf_counter() - start, 2)}
+    return {"steps": infos, "compress_s": round(time.perf_counter() - start, 2)}
 
 
 def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -73,10 +69,19 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     data = prepare_eval(bundle, settings)
     rows = {"fp32": measure(bundle, data, settings)}
     for label, steps in variants(name, args.calib_samples).items():
-        model, info = prune(bundle, steps, args.recover_steps, args.progress)
+        model = copy.deepcopy(bundle.model)
+        info = apply_steps(model, bundle, steps, args.progress)
         rows[label] = {**measure(ModelBundle(model, bundle.tokenizer, bundle.kind, name), data, settings), **info}
         rows[label]["speedup"] = round(rows["fp32"]["latency_ms"] / rows[label]["latency_ms"], 3)
         print(name, label, _line(rows[label]), flush=True)
+        if args.recover_steps:
+            tuned = f"{label} + finetune {args.recover_steps}"
+            step = {"method": "finetune", "steps": args.recover_steps, "lr": args.recover_lr,
+                    "warmup_steps": max(1, args.recover_steps // 10)}
+            info = apply_steps(model, bundle, [step], args.progress)
+            quality = measure(ModelBundle(model, bundle.tokenizer, bundle.kind, name), data, replace(settings, latency=False))
+            rows[tuned] = {**rows[label], **quality, "recover": info}
+            print(name, tuned, _line(rows[tuned]), flush=True)
     print(name, "fp32", _line(rows["fp32"]), flush=True)
     return rows
 
@@ -93,7 +98,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20, help="latency runs (median reported)")
     parser.add_argument("--calib-samples", type=int, default=64, help="calibration windows for the scores")
     parser.add_argument("--eval-windows", type=int, default=None, help="perplexity windows (default: all)")
-    parser.add_argument("--recover-steps", type=int, default=0, help="finetune steps after pruning, if available")
+    parser.add_argument("--recover-steps", type=int, default=0, help="finetune steps after pruning (0: none)")
+    parser.add_argument("--recover-lr", type=float, default=5e-5, help="peak learning rate of that finetune")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
