@@ -41,8 +41,8 @@ from slimformer.train.loop import TrainOptions, train
 from slimformer.train.tasks import DistillTask
 
 
-def encoder_part(steps: int, threads: int, teacher_lr: float, student_lr: float) -> dict[str, Any]:
-    """(a) teacher fine-tune, then distilled vs plain 3-layer students."""
+def encoder_part(steps: int, threads: int, teacher_lr: float, student_lr: float, kd: dict[str, Any]) -> dict[str, Any]:
+    """(a) teacher fine-tune, then distilled (DistillTask keys `kd`) vs plain 3-layer students."""
     bundle = load_bundle("minilm-l6")
     train_set, test_set = splits(bundle.tokenizer, load_data("tweets", "train"), load_data("tweets", "test"))
     rows: dict[str, Any] = {}
@@ -51,12 +51,12 @@ def encoder_part(steps: int, threads: int, teacher_lr: float, student_lr: float)
     rows["teacher"] = _classifier_row(teacher, fit(teacher, train_set, TrainOptions(lr=teacher_lr, **opts)), test_set, threads)
     keep = [0, 2, 4]
     student = student_of(bundle.model, keep, train_set.classes)
-    info = fit(student, train_set, TrainOptions(lr=student_lr, **opts), teacher=teacher, alpha=0.7, temperature=2.0,
-               student_layers=keep)
+    info = fit(student, train_set, TrainOptions(lr=student_lr, **opts), teacher=teacher, **kd)
     rows["student_distilled"] = _classifier_row(student, info, test_set, threads)
     plain = student_of(bundle.model, keep, train_set.classes)
     rows["student_no_teacher"] = _classifier_row(plain, fit(plain, train_set, TrainOptions(lr=student_lr, **opts)), test_set, threads)
     rows["retained_accuracy"] = rows["student_distilled"]["accuracy"] / rows["teacher"]["accuracy"]
+    rows["distill_settings"] = kd
     return rows
 
 
@@ -120,12 +120,20 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, help="perplexity windows (default: all for lm, 8 for ddp)")
     parser.add_argument("--threads", type=int, default=2, help="latency threads")
     parser.add_argument("--ddp-model", default="smollm2-135m", help="model for part (c)")
+    parser.add_argument("--kd-alpha", type=float, default=0.7, help="(a) weight of the soft loss")
+    parser.add_argument("--kd-temperature", type=float, default=2.0, help="(a) softmax temperature")
+    parser.add_argument("--hidden-weight", type=float, default=0.0, help="(a) hidden-state MSE weight")
+    parser.add_argument("--attention-weight", type=float, default=0.0, help="(a) attention-map KL weight")
+    parser.add_argument("--layer-map", type=int, nargs=3, default=[0, 2, 4],
+                        help="(a) teacher block each student block learns from (hidden/attention transfer)")
     parser.add_argument("--json", default="out/distillation.json")
     args = parser.parse_args()
     results: dict[str, Any] = {}
     if args.part in ("encoder", "all"):
         print("(a) encoder", flush=True)
-        results["encoder"] = encoder_part(args.steps or 300, args.threads, teacher_lr=5e-5, student_lr=1e-4)
+        kd = {"alpha": args.kd_alpha, "temperature": args.kd_temperature, "hidden_weight": args.hidden_weight,
+              "attention_weight": args.attention_weight, "student_layers": args.layer_map}
+        results["encoder"] = encoder_part(args.steps or 300, args.threads, teacher_lr=5e-5, student_lr=1e-4, kd=kd)
     if args.part in ("lm", "all"):
         print("(b) lm", flush=True)
         results["lm"] = lm_part(args.steps or 200, args.max_windows, lr=5e-5)
