@@ -120,6 +120,11 @@ def run_encoder(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  {name:38s} 32x128 {metrics['latency_ms']:8.1f} ms  1x128 {metrics['latency_1x128_ms']:7.2f} ms  "
               f"cosine {metrics['cosine']:.4f}  probe acc {metrics.get('accuracy', float('nan')):.4f}", flush=True)
         del model
+    # torch fp32 once more, last: a drift check on the reference every ratio divides by
+    again = measure_latency(base.model, base.model.config.vocab_size, batch=32, seq=128, runs=args.runs,
+                            threads=args.threads)
+    results["torch fp32"]["latency_ms_again_at_end"] = again["latency_ms"]
+    print(f"  torch fp32 again at the end: 32x128 {again['latency_ms']:8.1f} ms", flush=True)
     ref = results["torch fp32"]
     for m in results.values():
         m["speedup_32x128"] = round(ref["latency_ms"] / m["latency_ms"], 3)
