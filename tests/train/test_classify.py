@@ -39,3 +39,14 @@ def test_teacher_learns_and_student_distils() -> None:
                attention_weight=0.1, student_layers=[0, 2])
     assert info["layer_map"] == [0, 2]
     assert score(student, test_set)["accuracy"] >= acc - 0.1
+
+
+def test_head_init_is_seeded_not_global() -> None:
+    state = torch.random.get_rng_state()
+    a, b, c = (Classifier(_bert(), ("a", "b"), seed=s) for s in (0, 0, 1))
+    torch.manual_seed(123)  # the global RNG must not decide the head
+    d = Classifier(_bert(), ("a", "b"), seed=0)
+    assert torch.equal(a.head.weight, b.head.weight) and torch.equal(a.head.weight, d.head.weight)
+    assert not torch.equal(a.head.weight, c.head.weight)
+    assert a.head.weight.abs().max().item() <= 16 ** -0.5  # nn.Linear's init range
+    torch.random.set_rng_state(state)

@@ -25,12 +25,19 @@ from slimformer.train.tasks import DistillTask, SupervisedTask, mean_pool
 class Classifier(nn.Module):
     """encoder -> mean pool over real tokens -> dropout -> linear head: logits (B, classes)."""
 
-    def __init__(self, encoder: nn.Module, classes: tuple[str, ...], dropout: float = 0.1) -> None:
+    def __init__(self, encoder: nn.Module, classes: tuple[str, ...], dropout: float = 0.1, seed: int = 0) -> None:
         super().__init__()
         self.encoder = encoder
         self.classes = tuple(classes)
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(int(encoder.config.hidden_size), len(classes))
+        width = int(encoder.config.hidden_size)
+        self.head = nn.Linear(width, len(classes))
+        # nn.Linear's own init range, drawn from a private generator: the same head on every run,
+        # without touching the global RNG
+        gen, bound = torch.Generator().manual_seed(seed), width ** -0.5
+        with torch.no_grad():
+            for param in (self.head.weight, self.head.bias):
+                param.copy_(torch.rand(param.shape, generator=gen) * 2 * bound - bound)
 
     @property
     def config(self) -> Any:
@@ -73,9 +80,9 @@ def score(model: Classifier, data: TrainData) -> dict[str, float]:
     return classification_metrics(data.tensors["labels"].tolist(), predict(model, data).tolist())
 
 
-def student_of(encoder: nn.Module, keep: list[int], classes: tuple[str, ...]) -> Classifier:
-    """A Classifier over a copy of `encoder` that keeps only blocks `keep`, with a fresh head."""
-    return Classifier(drop_layers(copy.deepcopy(encoder), keep), classes)
+def student_of(encoder: nn.Module, keep: list[int], classes: tuple[str, ...], seed: int = 0) -> Classifier:
+    """A Classifier over a copy of `encoder` that keeps only blocks `keep`, with a fresh (seeded) head."""
+    return Classifier(drop_layers(copy.deepcopy(encoder), keep), classes, seed=seed)
 
 
 def splits(tokenizer: Any, train_texts: TextData, test_texts: TextData, max_length: int = 64) -> tuple[TrainData, TrainData]:
