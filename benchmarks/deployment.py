@@ -164,30 +164,32 @@ def run_decoder(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     # ~170 MB an int4 SmolLM2 decode step reads, so it bounds the decode speedup
     # "int8 compute": the same 4-bit files with MatMulNBits accuracy_level 4 (int8 activations)
     int4 = f"int4 GPTQ g{args.group_size}"
-    variants = {"fp32": (None, "fp32"), "int8 dynamic (per-token)": ("{method: dynamic}", "fp32"),
-                "int8 dynamic (per-tensor)": ("{method: dynamic, activations: tensor}", "fp32"),
-                int4: (gptq, "fp32"), f"{int4} + int4 lm_head": (f"{gptq}, {lm_head}", "fp32"),
-                f"{int4}, int8 compute": (gptq, "int8"),
-                f"{int4} + int4 lm_head, int8 compute": (f"{gptq}, {lm_head}", "int8")}
-    done: dict[str, nn.Module] = {}  # compressed models kept for a variant whose steps extend theirs
+    variants = {"fp32": ((), "fp32"), "int8 dynamic (per-token)": (("{method: dynamic}",), "fp32"),
+                "int8 dynamic (per-tensor)": (("{method: dynamic, activations: tensor}",), "fp32"),
+                int4: ((gptq,), "fp32"), f"{int4} + int4 lm_head": ((gptq, lm_head), "fp32"),
+                f"{int4}, int8 compute": ((gptq,), "int8"),
+                f"{int4} + int4 lm_head, int8 compute": ((gptq, lm_head), "int8")}
+    # compressed models (and their seconds) kept for the other variants whose steps start with theirs
+    done: dict[tuple[str, ...], tuple[nn.Module, float]] = {}
     results: dict[str, dict[str, Any]] = {}
     with torch.inference_mode():
         torch_fp32 = bench_torch_decoding_threads(base.model, vocab, timing)
     results["torch fp32 (reference)"] = {**torch_fp32, "size_bytes": folder_bytes(base.folder)}
     print(f"  {'torch fp32 (reference)':28s} prefill {torch_fp32['prefill']['median_ms']:8.1f} ms  decode "
           f"{torch_fp32['decode']['median_ms']:7.2f} ms/token", flush=True)
-    compress_seconds: dict[str, float] = {}
     for name, (steps, compute) in variants.items():
         if args.variants and not any(v in name for v in args.variants):
             continue
         start = time.perf_counter()
-        prefix = next((k for k in done if steps and (steps == k or steps.startswith(k + ", "))), None)
-        model = copy.deepcopy(done[prefix] if prefix else base.model)
-        if steps and steps != prefix:
-            apply_steps(model, steps[len(prefix) + 2:] if prefix else steps, ctx)
-            done[steps] = copy.deepcopy(model)
-        compress_s = time.perf_counter() - start + compress_seconds.get(prefix, 0.0)
-        compress_seconds[steps] = compress_s
+        prefix = max((k for k in done if steps[:len(k)] == k), key=len, default=())
+        model, earlier_s = done[prefix] if prefix else (base.model, 0.0)
+        model = copy.deepcopy(model)
+        for i in range(len(prefix), len(steps)):  # one recipe per step (a recipe holds one quantization step)
+            apply_steps(model, steps[i], ctx)
+            cut = steps[:i + 1]
+            if any(other != name and s[:len(cut)] == cut for other, (s, _) in variants.items()):
+                done[cut] = (copy.deepcopy(model), time.perf_counter() - start + earlier_s)
+        compress_s = time.perf_counter() - start + earlier_s
         path = workdir / f"dec-{len(results)}.onnx"
         export_onnx(model, "decoder", path, kv_cache=True, int4_compute=compute)
         del model

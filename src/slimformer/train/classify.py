@@ -35,9 +35,8 @@ class Classifier(nn.Module):
         # nn.Linear's own init range, drawn from a private generator: the same head on every run,
         # without touching the global RNG
         gen, bound = torch.Generator().manual_seed(seed), width ** -0.5
-        with torch.no_grad():
-            for param in (self.head.weight, self.head.bias):
-                param.copy_(torch.rand(param.shape, generator=gen) * 2 * bound - bound)
+        for param in (self.head.weight, self.head.bias):
+            nn.init.uniform_(param, -bound, bound, generator=gen)
 
     @property
     def config(self) -> Any:
