@@ -31,7 +31,7 @@ def test_round_trip() -> None:
     "text, message",
     [
         ("steps: [", "not valid YAML"),
-        ("- method: rtn", "expected a mapping with one key 'steps'"),
+        ("- method: rtn", "expected a mapping with the key 'steps'"),
         ("steps: []", "non-empty list"),
         ("steps:\n  - bits: 4", "'method' key"),
         ("steps:\n  - method: nope", "unknown method 'nope'"),
@@ -64,3 +64,12 @@ def test_shipped_recipes_are_valid() -> None:
     assert len(shipped) >= 3
     for path in shipped:
         assert Recipe.load(path).steps, path
+
+
+def test_export_stage_round_trips_and_defaults() -> None:
+    recipe = Recipe.from_yaml(GOOD + "export:\n  int4_compute: int8\n")
+    assert recipe.export is not None and recipe.export.format == "onnx" and recipe.export.int4_compute == "int8"
+    assert recipe.export.kv_cache is False
+    assert Recipe.from_yaml(recipe.to_yaml()) == recipe
+    assert Recipe.from_yaml(GOOD + "export: true\n").export == Recipe.from_yaml(GOOD + "export: {}\n").export
+    assert Recipe.from_yaml(GOOD).export is None and "export" not in Recipe.from_yaml(GOOD).to_dict()

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
@@ -25,7 +25,7 @@ from slimformer.evaluate.size import folder_bytes
 from slimformer.export.artifact import save_artifact
 from slimformer.models.layout import select_linears
 from slimformer.models.loading import ModelBundle, load_bundle
-from slimformer.recipe import Recipe
+from slimformer.recipe import ExportSpec, Recipe
 from slimformer.registry import get_method
 
 
@@ -65,6 +65,8 @@ def compress(
     work = copy.deepcopy(bundle.model)
     for step in recipe.steps:  # fail on unmatched patterns before any measurement
         select_linears(work, step.config.targets, step.config.ignore)
+    if recipe.export is not None and recipe.export.kv_cache and bundle.kind != "decoder":
+        raise UserError(f"export.kv_cache: only decoders have a key/value cache; '{bundle.name}' is an {bundle.kind}.")
 
     baseline = measure(bundle, data, settings) if main else {}
     if main:
@@ -86,6 +88,8 @@ def compress(
             step_ctx = dataclasses.replace(ctx, checkpoint=root / f"step{i}" if root else None, resume=resume)
             info = get_method(step.method).apply(work, step.config, step_ctx)
             steps.append({"method": step.method, **step.to_dict(), **info, "wall_s": round(time.perf_counter() - t0, 2)})
+            if main and settings.step_metrics and i < len(recipe.steps) - 1:  # the last one is `compressed`
+                steps[-1]["metrics"] = _step_metrics(bundle, work, data, settings)
     except UserError:
         if root is not None:  # bad input (e.g. NaNs in calibration) leaves nothing behind
             shutil.rmtree(root, ignore_errors=True)
@@ -94,6 +98,8 @@ def compress(
     if not main:  # the other torchrun ranks took part in training; rank 0 reports
         return {"model": bundle.name, "recipe": recipe.to_dict(), "steps": steps, "rank": _rank()}
     compressed = measure(compressed_bundle, data, settings)
+    if settings.step_metrics and len(steps) > 1:
+        steps[-1]["metrics"] = compressed  # the same dict: size_bytes lands in both when the folder is saved
     dist = _distributions(bundle, work, data, settings) if settings.distribution else None
 
     report = {
@@ -105,9 +111,14 @@ def compress(
         report["distribution"] = dist.to_json()
     if out_dir is None:
         compressed["size_bytes"] = _saved_bytes(compressed_bundle, recipe)
+        if recipe.export is not None:  # measured from a temporary file: no folder to keep it in
+            with tempfile.TemporaryDirectory(prefix="slimformer-export-") as tmp:
+                report["export"] = _export_stage(compressed_bundle, recipe.export, Path(tmp) / "model.onnx", data, settings)
         report["wall_s"] = round(time.perf_counter() - started, 2)
         return report
-    _write_output(out_dir, compressed_bundle, recipe, report, started, overwrite, dist)
+    _write_output(out_dir, compressed_bundle, recipe, report, started, overwrite, dist,
+                  lambda folder: _export_stage(compressed_bundle, recipe.export, folder / "model.onnx", data, settings)
+                  if recipe.export is not None else None)
     if root is not None:
         shutil.rmtree(root, ignore_errors=True)
     return report
@@ -210,6 +221,31 @@ def _parity_inputs(bundle: ModelBundle) -> tuple[Any, Any]:
     return enc["input_ids"], enc["attention_mask"]
 
 
+def _step_metrics(bundle: ModelBundle, work: nn.Module, data: EvalData, settings: EvalSettings) -> dict[str, Any]:
+    """The model after one step of several, measured like `compressed` (size: as it would be saved)."""
+    current = ModelBundle(work, bundle.tokenizer, bundle.kind, bundle.name)
+    metrics = measure(current, data, settings)
+    metrics["size_bytes"] = _saved_bytes(current, None)
+    return metrics
+
+
+def _export_stage(bundle: ModelBundle, spec: ExportSpec, path: Path, data: EvalData, settings: EvalSettings) -> dict[str, Any]:
+    """The recipe's export stage: write `path`, check it against PyTorch on real inputs, and measure it
+    in onnxruntime with the same data and latency settings as the other stages."""
+    from slimformer.export.onnx import OrtModel, export_onnx, parity
+
+    info = export_onnx(bundle.model, bundle.kind, path, kv_cache=spec.kv_cache, int4_compute=spec.int4_compute)
+    session = OrtModel(path, bundle.kind, config=bundle.model.config, threads=settings.threads)
+    ids, mask = _parity_inputs(bundle)
+    check = parity(bundle.model, session, ids, mask)
+    metrics = measure(ModelBundle(session, bundle.tokenizer, bundle.kind, bundle.name), data, settings)
+    for key in ("params", "nonzero_params"):  # a session has no torch parameters to count
+        metrics.pop(key, None)
+    metrics["size_bytes"] = info["bytes"]
+    return {**spec.to_dict(), "file": path.name, "runtime": "onnxruntime", "layers_swapped": info.get("layers_swapped"),
+            "opset": info.get("opset"), "export_s": round(info["seconds"], 2), "parity": check, "metrics": metrics}
+
+
 def _distributions(bundle: ModelBundle, work: nn.Module, data: EvalData, settings: EvalSettings) -> Comparison:
     """Per-layer weight/activation stats of the input and the compressed model on the same inputs."""
     ids, mask, inputs = distribution_inputs(bundle.tokenizer, data.windows, data.texts, settings.distribution_windows)
@@ -260,7 +296,7 @@ def _saved_bytes(bundle: ModelBundle, recipe: Recipe | None) -> int:
 
 
 def _write_output(out: Path, bundle: ModelBundle, recipe: Recipe, report: dict, started: float, overwrite: bool,
-                  dist: Comparison | None = None) -> None:
+                  dist: Comparison | None = None, export: Callable[[Path], dict | None] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -268,6 +304,9 @@ def _write_output(out: Path, bundle: ModelBundle, recipe: Recipe, report: dict, 
             bundle.model, tmp, kind=bundle.kind, tokenizer=bundle.tokenizer,
             extra={"recipe": recipe.to_dict(), "source_model": bundle.name},
         )
+        exported = export(tmp) if export is not None else None
+        if exported is not None:
+            report["export"] = exported
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         report["wall_s"] = round(time.perf_counter() - started, 2)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))

@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--distribution", action="store_true",
                    help="per-layer weight/activation stats of the input and compressed model on 2 evaluation "
                         "windows: a report section and distribution.png")
+    c.add_argument("--no-step-metrics", action="store_true",
+                   help="recipes of several steps: skip measuring the model after each step (only before and after)")
     eval_options(c)
 
     e = sub.add_parser("evaluate", help="measure a model or a compressed folder")
@@ -89,6 +91,7 @@ def _settings(args: argparse.Namespace):  # -> EvalSettings
         data=args.eval, max_windows=args.max_windows, latency=not args.no_latency,
         latency_batch=args.latency_batch, latency_seq=args.latency_seq, threads=args.threads,
         progress=not args.quiet, distribution=getattr(args, "distribution", False),
+        step_metrics=not getattr(args, "no_step_metrics", False),
     )
 
 
@@ -96,7 +99,7 @@ def _run(args: argparse.Namespace) -> int:
     import transformers
 
     from slimformer import api
-    from slimformer.evaluate.report import metrics_table
+    from slimformer.evaluate.report import metrics_table, stage_columns
 
     transformers.logging.set_verbosity_error()  # the CLI owns this process: keep its output readable
     transformers.utils.logging.disable_progress_bar()
@@ -109,6 +112,10 @@ def _run(args: argparse.Namespace) -> int:
             return 0
         print(f"\n{report['model']} on {report['eval_data']}:\n")
         print(api.summary_table(report))
+        stages = stage_columns(report)
+        if len(stages) > 2:
+            print("\nafter each stage:\n")
+            print(metrics_table(stages))
         print(f"\nwrote {args.output} in {report['wall_s']:.1f} s")
     elif args.command == "evaluate":
         result = api.evaluate(args.model, _settings(args))

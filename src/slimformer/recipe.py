@@ -7,6 +7,10 @@ steps:
   - method: rtn
     bits: 8
     group_size: -1
+export:              # optional: also write model.onnx, run it in onnxruntime and measure it
+  format: onnx
+  int4_compute: fp32 # fp32 (exact) | int8 (4-bit layers multiply int8 activations)
+  kv_cache: false
 ```
 """
 
@@ -15,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -37,17 +41,33 @@ class Step:
 
 
 @dataclass(frozen=True)
+class ExportSpec:
+    """The recipe's optional last stage: the compressed model is also written as `model.onnx` in the
+    output folder, checked against PyTorch, and measured in onnxruntime like every other stage.
+    int4_compute and kv_cache mean what they mean for `slimformer export`."""
+
+    format: Literal["onnx"] = "onnx"
+    int4_compute: Literal["fp32", "int8"] = "fp32"
+    kv_cache: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
 class Recipe:
-    """An ordered, validated list of steps."""
+    """An ordered, validated list of steps, and optionally an export stage after them."""
 
     steps: tuple[Step, ...]
+    export: ExportSpec | None = None
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "recipe") -> "Recipe":
         """Build and validate a recipe from parsed YAML/JSON data."""
-        if not isinstance(data, dict) or set(data) - {"steps"} or "steps" not in data:
+        if not isinstance(data, dict) or set(data) - {"steps", "export"} or "steps" not in data:
             found = sorted(data) if isinstance(data, dict) else type(data).__name__
-            raise UserError(f"{where}: expected a mapping with one key 'steps' (a list of steps), found {found}.")
+            raise UserError(f"{where}: expected a mapping with the key 'steps' (a list of steps) and optionally "
+                            f"'export', found {found}.")
         raw = data["steps"]
         if not isinstance(raw, list) or not raw:
             raise UserError(f"{where}: 'steps' must be a non-empty list of steps, found {raw!r}.")
@@ -62,7 +82,7 @@ class Recipe:
                 raise UserError(f"{at}: 'method' must be a string, found {name!r}.")
             method = get_method(name)
             steps.append(Step(name, build_config(method.config_cls, values, f"{at} ({name})")))
-        recipe = cls(tuple(steps))
+        recipe = cls(tuple(steps), _export_spec(data.get("export"), where))
         recipe._check_order(where)
         return recipe
 
@@ -119,7 +139,21 @@ class Recipe:
         raise UserError(f"recipe must be a Recipe, a dict, YAML text or a .yaml path, got {type(recipe).__name__}.")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"steps": [s.to_dict() for s in self.steps]}
+        out: dict[str, Any] = {"steps": [s.to_dict() for s in self.steps]}
+        if self.export is not None:
+            out["export"] = self.export.to_dict()
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _export_spec(raw: Any, where: str) -> ExportSpec | None:
+    """The optional `export:` mapping ({} or `true`: ONNX with the defaults)."""
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: 'export' must be a mapping such as {{format: onnx}}, found {raw!r}.")
+    return build_config(ExportSpec, raw, f"{where}: export")

@@ -12,6 +12,7 @@ import torch
 
 import slimformer
 from slimformer.cli import main
+from slimformer.evaluate.measure import EvalSettings
 
 RECIPE = """
 steps:
@@ -56,6 +57,73 @@ def test_compress_smollm_end_to_end(tmp_path) -> None:
     assert again["size_bytes"] == comp["size_bytes"]
 
 
+PIPELINE = """
+steps:
+  - method: neurons
+    sparsity: 0.25
+    num_samples: 8
+    seq_len: 256
+  - method: distill
+    alpha: 1.0
+    temperature: 1.0
+    steps: 12
+    lr: 1.0e-4
+    batch_size: 2
+    seq_len: 128
+  - method: gptq
+    bits: 4
+    group_size: 128
+    num_samples: 4
+    seq_len: 256
+export:
+  format: onnx
+  int4_compute: int8
+"""
+
+
+def test_one_recipe_prunes_distills_quantizes_exports_and_reports_each_stage(tmp_path) -> None:
+    """neurons -> distill -> gptq -> ONNX in one command; every stage measured on the same windows."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "slimformer", "compress", "smollm2-135m", "--recipe", str(_recipe(tmp_path, PIPELINE)),
+           "--output", str(out), "--max-windows", "2", "--no-latency", "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert "after each stage" in done.stdout and "onnxruntime" in done.stdout
+    report = json.loads((out / "report.json").read_text())
+    base = report["baseline"]
+    pruned, distilled, quantized = (s["metrics"] for s in report["steps"])
+    assert quantized == report["compressed"]
+    assert pruned["params"] < 0.9 * base["params"] and distilled["params"] == pruned["params"]
+    assert pruned["ppl"] > 1.3 * base["ppl"]  # removing a quarter of the FFN costs quality ...
+    assert distilled["ppl"] < 0.95 * pruned["ppl"]  # ... and distillation from the input model wins some back
+    assert quantized["size_bytes"] < 0.45 * pruned["size_bytes"]
+    onnx = report["export"]
+    assert onnx["file"] == "model.onnx" and onnx["int4_compute"] == "int8"
+    assert onnx["metrics"]["size_bytes"] == (out / "model.onnx").stat().st_size
+    assert onnx["parity"]["cosine"] > 0.99
+    assert onnx["metrics"]["ppl"] == pytest.approx(quantized["ppl"], rel=0.05)  # onnxruntime's own perplexity
+    assert "export" in (out / "recipe.yaml").read_text()
+    assert "## Metrics after each stage" in (out / "report.md").read_text()
+
+
+def test_step_metrics_can_be_skipped_and_export_needs_no_folder(tiny_dirs) -> None:
+    recipe = {"steps": [{"method": "magnitude", "sparsity": 0.5}, {"method": "rtn", "bits": 8, "group_size": -1}],
+              "export": {}}
+    settings = EvalSettings(max_windows=1, latency=False, progress=False, step_metrics=False)
+    report = slimformer.compress(str(tiny_dirs["llama"]), recipe, eval=settings, progress=False)
+    assert all("metrics" not in s for s in report["steps"])
+    assert report["export"]["parity"]["cosine"] > 0.999
+    assert report["export"]["metrics"]["ppl"] == pytest.approx(report["compressed"]["ppl"], rel=1e-3)
+
+
+def test_kv_cache_export_of_an_encoder_fails_before_any_step(tmp_path, tiny_dirs, capsys) -> None:
+    out = tmp_path / "out"
+    recipe = _recipe(tmp_path, "steps:\n  - method: rtn\nexport:\n  kv_cache: true\n")
+    code = main(["compress", str(tiny_dirs["bert"]), "--recipe", str(recipe), "--output", str(out), "--quiet",
+                 "--no-latency"])
+    assert code == 2 and "kv_cache" in capsys.readouterr().err and not out.exists()
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_compress_local_decoder_folders(tmp_path, tiny_dirs, family) -> None:
     out = tmp_path / "out"
@@ -92,6 +160,9 @@ BAD_RECIPES = {
     "bits 9": ("steps:\n  - method: rtn\n    bits: 9\n", "bits must be an integer from 2 to 8"),
     "bits 1": ("steps:\n  - method: rtn\n    bits: 1\n", "bits must be an integer from 2 to 8"),
     "no match": ("steps:\n  - method: rtn\n    targets: ['re:no_such_layer']\n", "matches no linear layer"),
+    "export format": ("steps:\n  - method: rtn\nexport:\n  format: tflite\n", "expected one of 'onnx'"),
+    "export scalar": ("steps:\n  - method: rtn\nexport: onnx\n", "'export' must be a mapping"),
+    "export key": ("steps:\n  - method: rtn\nexport:\n  int4: yes\n", "unknown key(s) int4"),
 }
 
 

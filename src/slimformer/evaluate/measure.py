@@ -41,6 +41,7 @@ class EvalSettings:
     progress: bool = True
     distribution: bool = False  # compress: per-layer weight/activation stats of both models + distribution.png
     distribution_windows: int = 2  # evaluation windows (encoders: 32 texts each) for those stats
+    step_metrics: bool = True  # compress, recipes of 2+ steps: measure the model after every step too
 
     def __post_init__(self) -> None:
         if self.distribution_windows < 1:

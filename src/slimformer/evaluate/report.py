@@ -63,6 +63,34 @@ def metrics_table(columns: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def stage_columns(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{stage: metrics}: the baseline, the model after each step that was measured (`N. method`), and
+    the exported file in its runtime (`onnxruntime`); the last step's column is `compressed`."""
+    columns = {"baseline": report["baseline"]}
+    for i, step in enumerate(report["steps"]):
+        if "metrics" in step:
+            columns[f"{i + 1}. {step['method']}"] = step["metrics"]
+    if len(columns) == 1:
+        columns["compressed"] = report["compressed"]
+    if "export" in report:
+        columns[report["export"].get("runtime", "export")] = report["export"]["metrics"]
+    return columns
+
+
+def stages_section(report: dict[str, Any]) -> str:
+    """'Metrics after each stage' for report.md (empty when there is only baseline and compressed)."""
+    columns = stage_columns(report)
+    if len(columns) <= 2:
+        return ""
+    text = ("\n## Metrics after each stage\n\nEvery column measured in this run on the same data and latency "
+            "settings; the last step's column is the compressed model above.\n\n" + metrics_table(columns) + "\n")
+    if "export" in report:
+        e, p = report["export"], report["export"]["parity"]
+        text += (f"\n`{e['file']}` ({e['format']}, int4_compute {e['int4_compute']}, kv_cache {e['kv_cache']}): "
+                 f"outputs against PyTorch on real inputs: cosine {p['cosine']:.6f}, max |error| {p['max_abs_err']:.3g}.\n")
+    return text
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     """report.md: what was run and the before/after table."""
     steps = "\n".join(
@@ -72,7 +100,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"# slimformer report: {report['model']}\n\n"
         f"Evaluation data: `{report['eval_data']}`\n\n## Steps\n{steps}\n\n## Metrics\n"
         f"{metrics_table({'baseline': report['baseline'], 'compressed': report['compressed']})}\n\n"
-        f"Total wall time: {report['wall_s']:.1f} s\n{_per_layer_sections(report['steps'])}"
+        f"Total wall time: {report['wall_s']:.1f} s\n{stages_section(report)}{_per_layer_sections(report['steps'])}"
         + (distribution_section(report["distribution"]) if "distribution" in report else "")
     )
 
@@ -159,7 +187,8 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     cols, rows = max(len(panels), 2), 2 if pareto else 1
     fig = Figure(figsize=(4 * cols, 3.5 * rows))
     if pareto:
-        points = [{"name": name, **m} for name, m in (("baseline", base), ("compressed", comp))]
+        stages = stage_columns(report)
+        points = [{"name": name, **m} for name, m in stages.items()]
         pareto_panels(fig, points, quality, lower_quality_better=quality == "ppl", first_panel=cols + 1,
                       n_panels=cols, rows=2)
     for i, (key, label) in enumerate(panels):
