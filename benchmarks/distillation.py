@@ -2,6 +2,7 @@
 
     python benchmarks/distillation.py --json out/distillation.json            # all three parts
     python benchmarks/distillation.py --part encoder --steps 20 --json /tmp/d.json   # a short run
+    python benchmarks/distillation.py --part encoder --seeds 3 ...   # students over 3 seeds, paired
 
 (a) encoder: MiniLM-L6 + a mean-pool linear head fine-tuned on `tweets` (train split: 2,000 texts,
     seed 0), then 3-layer students (blocks 0, 2, 4 of the pretrained encoder, fresh head) trained
@@ -18,6 +19,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,8 +43,11 @@ from slimformer.train.loop import TrainOptions, train
 from slimformer.train.tasks import DistillTask
 
 
-def encoder_part(steps: int, threads: int, teacher_lr: float, student_lr: float, kd: dict[str, Any]) -> dict[str, Any]:
-    """(a) teacher fine-tune, then distilled (DistillTask keys `kd`) vs plain 3-layer students."""
+def encoder_part(steps: int, threads: int, teacher_lr: float, student_lr: float, kd: dict[str, Any],
+                 seeds: int = 1) -> dict[str, Any]:
+    """(a) teacher fine-tune, then distilled (DistillTask keys `kd`) vs plain 3-layer students; with
+    seeds > 1, both students again for seeds 1.. (head init, data order, dropout) against the same
+    teacher, and the paired accuracy/F1 differences (`seed_summary`)."""
     bundle = load_bundle("minilm-l6")
     train_set, test_set = splits(bundle.tokenizer, load_data("tweets", "train"), load_data("tweets", "test"))
     rows: dict[str, Any] = {}
@@ -57,7 +62,32 @@ def encoder_part(steps: int, threads: int, teacher_lr: float, student_lr: float,
     rows["student_no_teacher"] = _classifier_row(plain, fit(plain, train_set, TrainOptions(lr=student_lr, **opts)), test_set, threads)
     rows["retained_accuracy"] = rows["student_distilled"]["accuracy"] / rows["teacher"]["accuracy"]
     rows["distill_settings"] = kd
+    pairs = [(rows["student_distilled"], rows["student_no_teacher"])]
+    for seed in range(1, seeds):
+        print(f"  seed {seed}", flush=True)
+        seeded = {**opts, "seed": seed}
+        student = student_of(bundle.model, keep, train_set.classes, seed=seed)
+        info = fit(student, train_set, TrainOptions(lr=student_lr, **seeded), teacher=teacher, **kd)
+        plain = student_of(bundle.model, keep, train_set.classes, seed=seed)
+        pairs.append((_classifier_row(student, info, test_set, threads),
+                      _classifier_row(plain, fit(plain, train_set, TrainOptions(lr=student_lr, **seeded)), test_set, threads)))
+    if seeds > 1:
+        rows["seeds"] = [{"seed": i, "distilled": {k: d[k] for k in ("accuracy", "f1")},
+                          "no_teacher": {k: p[k] for k in ("accuracy", "f1")}} for i, (d, p) in enumerate(pairs)]
+        rows["seed_summary"] = {k: _paired(pairs, k) for k in ("accuracy", "f1")}
+        rows["seed_summary"]["retained_accuracy_mean"] = (
+            statistics.mean(d["accuracy"] for d, _ in pairs) / rows["teacher"]["accuracy"])
     return rows
+
+
+def _paired(pairs: list[tuple[dict, dict]], key: str) -> dict[str, float]:
+    """Mean of each side over seeds, and of the per-seed difference (distilled - no teacher) with its
+    standard error and how many seeds the distilled student won."""
+    diffs = [d[key] - p[key] for d, p in pairs]
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    return {"distilled_mean": statistics.mean(d[key] for d, _ in pairs),
+            "no_teacher_mean": statistics.mean(p[key] for _, p in pairs),
+            "diff_mean": statistics.mean(diffs), "diff_se": se, "wins": sum(x > 0 for x in diffs), "seeds": len(diffs)}
 
 
 def _classifier_row(model: Classifier, info: dict[str, Any], test_set: Any, threads: int) -> dict[str, Any]:
@@ -126,6 +156,8 @@ def main() -> None:
     parser.add_argument("--attention-weight", type=float, default=0.0, help="(a) attention-map KL weight")
     parser.add_argument("--layer-map", type=int, nargs=3, default=[0, 2, 4],
                         help="(a) teacher block each student block learns from (hidden/attention transfer)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="(a) train both students with this many seeds (same teacher) and report paired differences")
     parser.add_argument("--json", default="out/distillation.json")
     args = parser.parse_args()
     results: dict[str, Any] = {}
@@ -133,7 +165,8 @@ def main() -> None:
         print("(a) encoder", flush=True)
         kd = {"alpha": args.kd_alpha, "temperature": args.kd_temperature, "hidden_weight": args.hidden_weight,
               "attention_weight": args.attention_weight, "student_layers": args.layer_map}
-        results["encoder"] = encoder_part(args.steps or 300, args.threads, teacher_lr=5e-5, student_lr=1e-4, kd=kd)
+        results["encoder"] = encoder_part(args.steps or 300, args.threads, teacher_lr=5e-5, student_lr=1e-4, kd=kd,
+                                         seeds=args.seeds)
     if args.part in ("lm", "all"):
         print("(b) lm", flush=True)
         results["lm"] = lm_part(args.steps or 200, args.max_windows, lr=5e-5)
