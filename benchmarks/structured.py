@@ -11,6 +11,9 @@ Speedups are latency ratios to the fp32 model measured in the same run. `--recov
 a `finetune` step of N steps on the pruned model (next-token loss on the lee-news calibration pool,
 or the tweets task loss for the encoder, `--recover-lr`) and measures its quality again in a
 "+ finetune N" row; its shapes are unchanged, so its latency is the pruned row's.
+`--interleave N` then times fp32 and every pruned variant again in N rounds, one forward each per
+round in turn, so that drift of the machine (another job, clock, memory) falls on all of them
+alike: `latency_interleaved_ms` (median over rounds) and `speedup_interleaved`.
 """
 
 from __future__ import annotations
@@ -18,10 +21,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from slimformer.context import StepContext
 from slimformer.data.sources import load_data
@@ -68,8 +74,9 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                             progress=args.progress, **SETTINGS[name])
     data = prepare_eval(bundle, settings)
     rows = {"fp32": measure(bundle, data, settings)}
+    models = {"fp32": bundle.model}
     for label, steps in variants(name, args.calib_samples).items():
-        model = copy.deepcopy(bundle.model)
+        model = models[label] = copy.deepcopy(bundle.model)
         info = apply_steps(model, bundle, steps, args.progress)
         rows[label] = {**measure(ModelBundle(model, bundle.tokenizer, bundle.kind, name), data, settings), **info}
         rows[label]["speedup"] = round(rows["fp32"]["latency_ms"] / rows[label]["latency_ms"], 3)
@@ -82,8 +89,42 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             quality = measure(ModelBundle(model, bundle.tokenizer, bundle.kind, name), data, replace(settings, latency=False))
             rows[tuned] = {**rows[label], **quality, "recover": info}
             print(name, tuned, _line(rows[tuned]), flush=True)
+    if args.interleave:  # the recovered models have their pruned row's shapes: timed as such
+        times = interleaved_latency(models, model_inputs(bundle.model, settings), args.interleave, args.threads)
+        for label, ms in times.items():
+            rows[label]["latency_interleaved_ms"] = ms
+            rows[label]["speedup_interleaved"] = round(times["fp32"] / ms, 3)
+            print(name, label, f"interleaved latency_ms={ms:.4g} speedup={times['fp32'] / ms:.3f}", flush=True)
     print(name, "fp32", _line(rows["fp32"]), flush=True)
     return rows
+
+
+def model_inputs(model: Any, settings: EvalSettings) -> dict[str, torch.Tensor]:
+    """The fixed random token ids (and an all-ones mask) of `measure_latency`'s shape."""
+    ids = torch.randint(0, model.config.vocab_size, (settings.latency_batch, settings.latency_seq),
+                        generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@torch.inference_mode()
+def interleaved_latency(models: dict[str, Any], inputs: dict[str, torch.Tensor], rounds: int, threads: int) -> dict[str, float]:
+    """Median ms of one forward per model over `rounds` rounds, the models taking turns in each round."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        kwargs = {name: {**inputs, "use_cache": False} if hasattr(m, "generate") else inputs for name, m in models.items()}
+        for name, m in models.items():  # warm-up
+            for _ in range(3):
+                m.eval()(**kwargs[name])
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for _ in range(rounds):
+            for name, m in models.items():
+                start = time.perf_counter()
+                m(**kwargs[name])
+                times[name].append((time.perf_counter() - start) * 1e3)
+    finally:
+        torch.set_num_threads(previous)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _line(row: dict[str, Any]) -> str:
@@ -100,6 +141,8 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=None, help="perplexity windows (default: all)")
     parser.add_argument("--recover-steps", type=int, default=0, help="finetune steps after pruning (0: none)")
     parser.add_argument("--recover-lr", type=float, default=5e-5, help="peak learning rate of that finetune")
+    parser.add_argument("--interleave", type=int, default=0,
+                        help="then time fp32 and the pruned models in turn for N rounds (0: skip)")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
