@@ -67,7 +67,7 @@ def stage_columns(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """{stage: metrics}: the baseline, the model after each step that was measured (`N. method`), and
     the exported file in its runtime (`onnxruntime`); the last step's column is `compressed`."""
     columns = {"baseline": report["baseline"]}
-    for i, step in enumerate(report["steps"]):
+    for i, step in enumerate(report.get("steps", [])):  # a hand-made report may have none
         if "metrics" in step:
             columns[f"{i + 1}. {step['method']}"] = step["metrics"]
     if len(columns) == 1:
