@@ -145,7 +145,6 @@ def export(
     kv_cache=True (decoders): past/present key/value inputs and outputs for incremental decoding.
     int4_compute="int8": 4-bit layers multiply int8-quantized activations in onnxruntime (faster,
     slightly less exact; the parity check shows by how much); "fp32" (default) is exact."""
-    from slimformer.export.onnx import OrtModel, export_onnx, parity
 
     if format == "hf":
         return save_hf(model, output, dtype=dtype, overwrite=overwrite)
@@ -157,10 +156,21 @@ def export(
     if out.exists() and (out.is_dir() or not overwrite):
         raise UserError(f"output '{out}' already exists; choose another path or pass --overwrite.")
     bundle = load_bundle(model) if not isinstance(model, ModelBundle) else model
-    ids, mask = _parity_inputs(bundle)
-    info = export_onnx(bundle.model, bundle.kind, out, kv_cache=kv_cache, int4_compute=int4_compute)
-    info["parity"] = parity(bundle.model, OrtModel(out, bundle.kind, threads=threads), ids, mask)
+    info, _ = _export_checked(bundle, out, kv_cache=kv_cache, int4_compute=int4_compute, threads=threads)
     return {"model": bundle.name, "kind": bundle.kind, **info}
+
+
+def _export_checked(bundle: ModelBundle, path: Path, *, kv_cache: bool, int4_compute: str,
+                    threads: int | None) -> tuple[dict[str, Any], Any]:
+    """Write `bundle` to ONNX at `path` and compare onnxruntime's outputs with PyTorch's on real inputs:
+    (export info with `parity`, the open onnxruntime session)."""
+    from slimformer.export.onnx import OrtModel, export_onnx, parity
+
+    ids, mask = _parity_inputs(bundle)  # before writing: a model without a tokenizer fails with nothing written
+    info = export_onnx(bundle.model, bundle.kind, path, kv_cache=kv_cache, int4_compute=int4_compute)
+    session = OrtModel(path, bundle.kind, config=bundle.model.config, threads=threads)
+    info["parity"] = parity(bundle.model, session, ids, mask)
+    return info, session
 
 
 def save_hf(
@@ -232,18 +242,14 @@ def _step_metrics(bundle: ModelBundle, work: nn.Module, data: EvalData, settings
 def _export_stage(bundle: ModelBundle, spec: ExportSpec, path: Path, data: EvalData, settings: EvalSettings) -> dict[str, Any]:
     """The recipe's export stage: write `path`, check it against PyTorch on real inputs, and measure it
     in onnxruntime with the same data and latency settings as the other stages."""
-    from slimformer.export.onnx import OrtModel, export_onnx, parity
-
-    info = export_onnx(bundle.model, bundle.kind, path, kv_cache=spec.kv_cache, int4_compute=spec.int4_compute)
-    session = OrtModel(path, bundle.kind, config=bundle.model.config, threads=settings.threads)
-    ids, mask = _parity_inputs(bundle)
-    check = parity(bundle.model, session, ids, mask)
+    info, session = _export_checked(bundle, path, kv_cache=spec.kv_cache, int4_compute=spec.int4_compute,
+                                    threads=settings.threads)
     metrics = measure(ModelBundle(session, bundle.tokenizer, bundle.kind, bundle.name), data, settings)
     for key in ("params", "nonzero_params"):  # a session has no torch parameters to count
         metrics.pop(key, None)
     metrics["size_bytes"] = info["bytes"]
     return {**spec.to_dict(), "file": path.name, "runtime": "onnxruntime", "layers_swapped": info.get("layers_swapped"),
-            "opset": info.get("opset"), "export_s": round(info["seconds"], 2), "parity": check, "metrics": metrics}
+            "opset": info.get("opset"), "export_s": round(info["seconds"], 2), "parity": info["parity"], "metrics": metrics}
 
 
 def _distributions(bundle: ModelBundle, work: nn.Module, data: EvalData, settings: EvalSettings) -> Comparison:
