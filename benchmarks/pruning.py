@@ -95,6 +95,14 @@ SETTINGS = (
     _setting("wanda-48", "wanda 4:8", ours("wanda", "pattern: '4:8'", CALIB), _llmc("wanda", 0.5, "4:8")),
     _setting("sparsegpt-24", "sparsegpt 2:4", ours("sparsegpt", "pattern: '2:4'", CALIB), _llmc("sparsegpt", 0.5, "2:4")),
     _setting("sparsegpt-48", "sparsegpt 4:8", ours("sparsegpt", "pattern: '4:8'", CALIB), _llmc("sparsegpt", 0.5, "4:8")),
+    # ours only: `sparsegpt` as it was before 2026-11-30, all tokens weighted equally (the peer rows
+    # of the same settings are the keys above; llm-compressor weights tokens equally)
+    _setting("sparsegpt-50-equal", "sparsegpt 50%, sink_weight 1",
+             ours("sparsegpt", "sparsity: 0.5", CALIB + ", sink_weight: 1")),
+    _setting("sparsegpt-24-equal", "sparsegpt 2:4, sink_weight 1",
+             ours("sparsegpt", "pattern: '2:4'", CALIB + ", sink_weight: 1")),
+    _setting("sparsegpt-48-equal", "sparsegpt 4:8, sink_weight 1",
+             ours("sparsegpt", "pattern: '4:8'", CALIB + ", sink_weight: 1")),
     _setting("wanda-owl-50", "wanda 50% owl", ours("wanda", "sparsity: 0.5, allocation: owl", CALIB),
              _llmc("wanda", 0.5, owl=True)),
     _setting("wanda-60", "wanda 60% uniform", ours("wanda", "sparsity: 0.6", CALIB), _llmc("wanda", 0.6)),

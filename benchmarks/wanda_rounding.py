@@ -2,7 +2,9 @@
 (345 of 576, 921 of 1536: 59.92% overall), ours round(0.6 x numel) in all (60.00% exactly). This
 reruns our `wanda` with llm-compressor's per-row count, same windows as benchmarks/pruning.py.
 
-    python benchmarks/wanda_rounding.py [--max-windows 8] [--calib-windows 16] [--sparsity 0.6]
+    python benchmarks/wanda_rounding.py [--max-windows N] [--calib-windows 64] [--sparsity 0.6]
+
+Defaults are the DESIGN protocol (all evaluation windows, 64 calibration windows).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ def floor_per_row(scores: Tensor, sparsity: float) -> Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-windows", type=int, default=8)
-    parser.add_argument("--calib-windows", type=int, default=16)
+    parser.add_argument("--max-windows", type=int, help="perplexity on the first N evaluation windows only")
+    parser.add_argument("--calib-windows", type=int, default=64, help="calibration windows of 512 tokens (default 64)")
     parser.add_argument("--sparsity", type=float, default=0.6)
     args = parser.parse_args()
     bench = peers.prepare(args.max_windows, args.calib_windows, Path(tempfile.mkdtemp(prefix="slimformer-wanda-")))

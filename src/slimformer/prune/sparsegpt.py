@@ -28,11 +28,12 @@ class SparseGPTConfig(AllocatedConfig):
     """sparsity or pattern "N:M" (scope: layer); allocation uniform | owl. damp: fraction of the
     mean Hessian diagonal added for stability; block_size: columns per adaptive-mask block.
     bits (2-8, optional): also quantize, with group_size and symmetric as in `rtn`/`gptq`.
-    sink_weight: weight of each window's first token in the Hessian (see `gptq`)."""
+    sink_weight: weight of each window's first token in the Hessian (see `gptq`); 128 as in `gptq`,
+    measured better than equal weights at 50%, 2:4 and 4:8 on SmolLM2 (docs/pruning.md)."""
 
     damp: float = 0.01
     block_size: int = 128
-    sink_weight: float = 1.0
+    sink_weight: float = 128.0
     bits: int | None = None
     group_size: int = 128
     symmetric: bool = False
