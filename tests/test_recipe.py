@@ -73,3 +73,40 @@ def test_export_stage_round_trips_and_defaults() -> None:
     assert Recipe.from_yaml(recipe.to_yaml()) == recipe
     assert Recipe.from_yaml(GOOD + "export: true\n").export == Recipe.from_yaml(GOOD + "export: {}\n").export
     assert Recipe.from_yaml(GOOD).export is None and "export" not in Recipe.from_yaml(GOOD).to_dict()
+
+
+BOMB = "".join(
+    f"{name}: &{name} [{', '.join([f'*{prev}'] * 9 if prev else ['lol'] * 9)}]\n"
+    for prev, name in zip(" abcdefgh", "abcdefghi")
+) + "steps: [*i]\n"  # "billion laughs": 9**9 strings once expanded
+
+
+def test_anchors_and_aliases_are_refused() -> None:
+    with pytest.raises(UserError, match=r"anchors/aliases \(&/\*\)"):
+        Recipe.from_yaml(BOMB)
+    with pytest.raises(UserError, match="anchors/aliases"):
+        Recipe.from_yaml("steps:\n  - &q {method: rtn}\n")  # an anchor alone, too
+
+
+def test_directory_as_recipe_says_folder(tmp_path) -> None:
+    with pytest.raises(UserError, match="is a folder, not a recipe file"):
+        Recipe.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"steps": [{"method": "rtn", "bits": list(range(10**6))}]},
+        {"steps": [{"method": "rtn", "group_size": "x" * 10**6}]},
+        {"steps": [{"method": "magnitude", "sparsity": 0.1, "scope": [[list(range(1000))] * 1000]}]},
+        {"steps": [{"method": "rtn", **{f"key{i}" * 100: 1 for i in range(1000)}}]},
+        {"steps": list(range(10**6))},
+        {"steps": [{"method": list(range(10**6))}]},
+        {"steps": [{"method": "rtn"}], "export": list(range(10**6))},
+        {i: i for i in range(10**6)},
+    ],
+)
+def test_huge_values_give_short_messages(data) -> None:
+    with pytest.raises(UserError) as caught:
+        Recipe.from_dict(data)
+    assert len(str(caught.value)) < 300, str(caught.value)

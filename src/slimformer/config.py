@@ -7,7 +7,7 @@ import types
 import typing
 from typing import Any
 
-from slimformer.errors import UserError
+from slimformer.errors import UserError, shown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,9 +25,9 @@ class TargetedConfig:
 def build_config(cls: type, values: dict[str, Any], where: str) -> Any:
     """Construct frozen dataclass `cls` from a recipe mapping, rejecting unknown keys and bad types."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    unknown = sorted(str(key) for key in set(values) - set(fields))
     if unknown:
-        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed keys: {', '.join(fields)}.")
+        raise UserError(f"{where}: unknown key(s) {_listed(unknown)}; allowed keys: {', '.join(fields)}.")
     hints = typing.get_type_hints(cls)
     kwargs = {key: _coerce(value, hints[key], f"{where}.{key}") for key, value in values.items()}
     return cls(**kwargs)
@@ -46,38 +46,45 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except UserError:
                 continue
-        raise UserError(f"{where}: got {value!r}, expected {_describe(hint)}.")
+        raise UserError(f"{where}: got {shown(value)}, expected {_describe(hint)}.")
     if origin is typing.Literal:
         if value not in typing.get_args(hint):
-            raise UserError(f"{where}: got {value!r}, expected one of {', '.join(map(repr, typing.get_args(hint)))}.")
+            raise UserError(f"{where}: got {shown(value)}, expected one of {', '.join(map(repr, typing.get_args(hint)))}.")
         return value
     if origin is tuple:
         item = typing.get_args(hint)[0]
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"{where}: got {value!r}, expected a list of {_NAMES.get(item, item)}.")
+            raise UserError(f"{where}: got {shown(value)}, expected a list of {_NAMES.get(item, item)}.")
         return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
     if hint is bool:
         if not isinstance(value, bool):
-            raise UserError(f"{where}: got {value!r}, expected true or false.")
+            raise UserError(f"{where}: got {shown(value)}, expected true or false.")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{where}: got {value!r}, expected an integer.")
+            raise UserError(f"{where}: got {shown(value)}, expected an integer.")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{where}: got {value!r}, expected a number.")
+            raise UserError(f"{where}: got {shown(value)}, expected a number.")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise UserError(f"{where}: got {value!r}, expected a string.")
+            raise UserError(f"{where}: got {shown(value)}, expected a string.")
         return value
     return value
 
 
 _NAMES = {str: "strings", int: "integers", float: "numbers"}
+
+
+def _listed(names: list[str], most: int = 5) -> str:
+    """The first `most` names, cut to about 100 characters: a mapping can hold many long keys."""
+    text = ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+    text = text if len(text) <= 100 else text[:97] + "..."
+    return text + (f" ({len(names)} in all)" if len(names) > most else "")
 
 
 def _describe(hint: Any) -> str:

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from slimformer.config import build_config
-from slimformer.errors import UserError
+from slimformer.errors import UserError, shown
 from slimformer.registry import get_method
 
 
@@ -65,21 +65,21 @@ class Recipe:
     def from_dict(cls, data: Any, where: str = "recipe") -> "Recipe":
         """Build and validate a recipe from parsed YAML/JSON data."""
         if not isinstance(data, dict) or set(data) - {"steps", "export"} or "steps" not in data:
-            found = sorted(data) if isinstance(data, dict) else type(data).__name__
+            found = shown(sorted(map(str, data))) if isinstance(data, dict) else type(data).__name__
             raise UserError(f"{where}: expected a mapping with the key 'steps' (a list of steps) and optionally "
                             f"'export', found {found}.")
         raw = data["steps"]
         if not isinstance(raw, list) or not raw:
-            raise UserError(f"{where}: 'steps' must be a non-empty list of steps, found {raw!r}.")
+            raise UserError(f"{where}: 'steps' must be a non-empty list of steps, found {shown(raw)}.")
         steps = []
         for i, entry in enumerate(raw):
             at = f"{where}: step {i + 1}"
             if not isinstance(entry, dict) or "method" not in entry:
-                raise UserError(f"{at}: expected a mapping with a 'method' key, found {entry!r}.")
+                raise UserError(f"{at}: expected a mapping with a 'method' key, found {shown(entry)}.")
             values = dict(entry)
             name = values.pop("method")
             if not isinstance(name, str):
-                raise UserError(f"{at}: 'method' must be a string, found {name!r}.")
+                raise UserError(f"{at}: 'method' must be a string, found {shown(name)}.")
             method = get_method(name)
             steps.append(Step(name, build_config(method.config_cls, values, f"{at} ({name})")))
         recipe = cls(tuple(steps), _export_spec(data.get("export"), where))
@@ -112,6 +112,7 @@ class Recipe:
     def from_yaml(cls, text: str, where: str = "recipe") -> "Recipe":
         """Parse YAML text into a validated recipe."""
         try:
+            _refuse_aliases(text, where)
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise UserError(f"{where}: not valid YAML: {exc}".replace("\n", " ")) from None
@@ -121,6 +122,8 @@ class Recipe:
     def load(cls, path: str | Path) -> "Recipe":
         """Read and validate a recipe file."""
         path = Path(path)
+        if path.is_dir():
+            raise UserError(f"recipe '{path}' is a folder, not a recipe file; give the path of a .yaml file.")
         if not path.is_file():
             raise UserError(f"recipe file '{path}' does not exist.")
         return cls.from_yaml(path.read_text(encoding="utf-8"), where=str(path))
@@ -148,6 +151,15 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def _refuse_aliases(text: str, where: str) -> None:
+    """UserError if the YAML uses anchors or aliases. A few hundred bytes of nested aliases
+    ("billion laughs") expand into billions of values once anything walks or prints them."""
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise UserError(f"{where}: recipe uses YAML anchors/aliases (&/*), which recipes do not allow; "
+                            f"write the values out (line {event.start_mark.line + 1}).")
+
+
 def _export_spec(raw: Any, where: str) -> ExportSpec | None:
     """The optional `export:` mapping ({} or `true`: ONNX with the defaults)."""
     if raw is None or raw is False:
@@ -155,5 +167,5 @@ def _export_spec(raw: Any, where: str) -> ExportSpec | None:
     if raw is True:
         raw = {}
     if not isinstance(raw, dict):
-        raise UserError(f"{where}: 'export' must be a mapping such as {{format: onnx}}, found {raw!r}.")
+        raise UserError(f"{where}: 'export' must be a mapping such as {{format: onnx}}, found {shown(raw)}.")
     return build_config(ExportSpec, raw, f"{where}: export")

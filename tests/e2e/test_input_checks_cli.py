@@ -1,0 +1,38 @@
+"""Bad input met through the CLI: exit 2, a message naming the problem, nothing written."""
+
+from __future__ import annotations
+
+import time
+
+from slimformer.cli import main
+
+BOMB = """\
+a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
+i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]
+steps: [*i]
+"""
+
+
+def test_yaml_alias_bomb_is_refused_fast(tmp_path, capsys) -> None:
+    recipe, out = tmp_path / "bomb.yaml", tmp_path / "out"
+    recipe.write_text(BOMB)
+    started = time.perf_counter()
+    code = main(["compress", "smollm2-135m", "--recipe", str(recipe), "--output", str(out)])
+    seconds = time.perf_counter() - started
+    err = capsys.readouterr().err
+    assert code == 2 and "anchors/aliases" in err and len(err) < 400, err
+    assert seconds < 10 and not out.exists()
+
+
+def test_folder_as_recipe_says_folder(tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    code = main(["compress", "smollm2-135m", "--recipe", str(tmp_path), "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a folder, not a recipe file" in err and not out.exists()
