@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, precision_recall_fscore_support
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from slimformer.errors import UserError
+
+# scikit-learn is imported inside the functions: importing it seeds Python's `random`, sets
+# KMP_* environment variables and adds warnings filters, and importing slimformer must change nothing.
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -21,6 +20,8 @@ def _numpy(x: Any) -> np.ndarray:
 
 def classification_metrics(y_true: Sequence[Any], y_pred: Sequence[Any]) -> dict:
     """Accuracy and macro precision / recall / F1 as floats."""
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
     y_true, y_pred = list(y_true), list(y_pred)
     if len(y_true) != len(y_pred) or not y_true:
         raise UserError(f"classification metrics: expected equal non-empty label lists, found {len(y_true)} and {len(y_pred)}")
@@ -30,6 +31,10 @@ def classification_metrics(y_true: Sequence[Any], y_pred: Sequence[Any]) -> dict
 
 def probe(train_x: Any, train_y: Sequence[Any], test_x: Any, test_y: Sequence[Any]) -> dict:
     """Fit standardise + logistic regression on `train_x`, report `classification_metrics` on the test set."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     xtr, xte = _numpy(train_x), _numpy(test_x)
     ytr, yte = list(train_y), list(test_y)
     if xtr.ndim != 2 or len(xtr) != len(ytr):

@@ -8,6 +8,7 @@ one class (`model.layers` in Llama/Qwen/Gemma, `encoder.layer` in BERT, `transfo
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -15,24 +16,25 @@ from torch import nn
 
 from slimformer.errors import UserError
 
-try:  # GPT-2 style models store linear weights transposed in a Conv1D module.
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = ()  # type: ignore[assignment,misc]
 
-LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
+def _is_conv1d(module: nn.Module) -> bool:
+    """GPT-2 style models store linear weights transposed, in transformers' Conv1D. Looked up in
+    sys.modules rather than imported: a model holding a Conv1D has imported it already, and importing
+    slimformer should not import transformers."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return utils is not None and isinstance(module, utils.Conv1D)
 
 
 def is_linear(module: nn.Module) -> bool:
     """True for modules computing y = x W^T + b (nn.Linear, Conv1D, and our QuantLinear)."""
-    return isinstance(module, LINEAR_TYPES) or getattr(module, "is_slimformer_linear", False)
+    return isinstance(module, nn.Linear) or _is_conv1d(module) or getattr(module, "is_slimformer_linear", False)
 
 
 def weight_view(module: nn.Module) -> torch.Tensor:
     """The weight as (out_features, in_features), a view sharing storage with the module."""
     if isinstance(module, nn.Linear):
         return module.weight.data
-    if isinstance(Conv1D, type) and isinstance(module, Conv1D):
+    if _is_conv1d(module):
         return module.weight.data.t()  # Conv1D stores (in, out)
     raise TypeError(f"not a linear layer: {type(module).__name__}")
 
