@@ -3,6 +3,7 @@
 import csv
 import importlib.metadata
 import json
+import random
 from collections import Counter
 
 import pytest
@@ -104,3 +105,28 @@ def test_malformed_jsonl_names_line(tmp_path):
     p.write_text('{"text": "ok"}\n\n{"text": oops}\n', encoding="utf-8")
     with pytest.raises(UserError, match="line 3"):
         load_data(str(p), "eval")
+
+
+@pytest.mark.parametrize("ext", [".txt", ".jsonl", ".csv"])
+def test_binary_files_are_not_text(tmp_path, ext):
+    rng = random.Random(0)
+    noise = bytes(rng.randrange(1, 256) for _ in range(4096))  # no NUL byte: caught by the share
+    p = tmp_path / f"noise{ext}"
+    p.write_bytes(b"text\n" + noise if ext == ".csv" else noise)
+    with pytest.raises(UserError, match=r"noise\..* is not UTF-8 text .*undecodable"):
+        load_data(str(p), "eval")
+    p.write_bytes(b'{"text": "a\x00b"}\n' if ext == ".jsonl" else b"text\nab\x00cd\n")
+    with pytest.raises(UserError, match="is not UTF-8 text .*NUL"):
+        load_data(str(p), "eval")
+
+
+def test_a_stray_byte_in_real_text_passes(tmp_path):
+    text = "The quick brown fox jumps over the lazy dog. " * 10  # 450 bytes: 1 bad byte is 0.2%
+    p = tmp_path / "latin1.txt"
+    p.write_bytes(text.encode() + "café".encode("latin-1"))
+    assert load_data(str(p), "eval").texts == (text + "caf\ufffd",)
+    p.write_bytes(text.encode() + b"\xe9" * 6)  # 6 of 456 bytes: above 1%
+    with pytest.raises(UserError, match="not UTF-8 text"):
+        load_data(str(p), "eval")
+    p.write_text("a genuine replacement character \ufffd stays text", encoding="utf-8")
+    assert "\ufffd" in load_data(str(p), "eval").texts[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 
 from slimformer.cli import main
@@ -36,3 +37,13 @@ def test_folder_as_recipe_says_folder(tmp_path, capsys) -> None:
     code = main(["compress", "smollm2-135m", "--recipe", str(tmp_path), "--output", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and "is a folder, not a recipe file" in err and not out.exists()
+
+
+def test_binary_eval_file_is_not_text(tmp_path, capsys) -> None:
+    noise = tmp_path / "random.txt"
+    noise.write_bytes(random.Random(0).randbytes(8192))
+    report = tmp_path / "eval.json"
+    code = main(["evaluate", "smollm2-135m", "--eval", str(noise), "--no-latency", "--max-windows", "1", "--quiet",
+                 "--json", str(report)])
+    err = capsys.readouterr().err
+    assert code == 2 and "random.txt' is not UTF-8 text" in err and not report.exists(), err

