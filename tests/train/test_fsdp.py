@@ -14,6 +14,7 @@ from train_tiny import gradual_task, tiny_llama, tiny_windows
 
 from slimformer.errors import UserError
 from slimformer.train.loop import TrainOptions, train
+from slimformer.train.state_io import load_state
 from slimformer.train.tasks import SupervisedTask
 
 
@@ -29,10 +30,11 @@ def test_fsdp_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
     assert _max_diff(resumed, load_file(str(tmp_path / "rank1.resumed.safetensors"))) == 0  # replicas identical
     checkpoint = next((tmp_path / "ckpt").glob("step_*"))
     assert checkpoint.name == "step_000002"
-    assert sorted(p.name for p in checkpoint.iterdir()) == ["masks.safetensors", "model.safetensors", "optimizer.pt",
-                                                            "state.json"]
-    optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)  # one full state, keyed by parameter name
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["masks.safetensors", "model.safetensors", "optimizer.json",
+                                                            "optimizer.safetensors", "state.json"]
+    optimizer = load_state(checkpoint, "optimizer")  # one full state, keyed by parameter name
     assert "model.lm_head.weight" in optimizer["state"]
+    assert set(optimizer["param_groups"][0]["params"]) == set(optimizer["state"])  # names, as str keys
     assert optimizer["state"]["model.lm_head.weight"]["exp_avg"].shape == (64, 16)
     assert _max_diff(resumed, full) < 1e-5
     single, _ = train(tiny_llama(), SupervisedTask(), tiny_windows(),

@@ -70,3 +70,25 @@ def test_bad_options() -> None:
         TrainOptions(steps=0)
     with pytest.raises(UserError, match="resume"):
         train(tiny_llama(), SupervisedTask(), tiny_windows(), TrainOptions(steps=1), resume=True)
+
+
+@pytest.mark.parametrize("damage", ["older format", "truncated tensors", "invalid json"])
+def test_old_or_damaged_optimizer_files_give_a_user_error(tmp_path: Path, damage: str) -> None:
+    """An optimizer.pt (the old pickle) is refused without being read; a damaged state is a UserError."""
+    options = TrainOptions(steps=3, checkpoint_every=2, **OPTS)
+    train(tiny_llama(), SupervisedTask(), tiny_windows(), options, checkpoint=tmp_path)  # keeps step_000002
+    found = tmp_path / "step_000002"
+    tensors, skeleton = found / "optimizer.safetensors", found / "optimizer.json"
+    if damage == "older format":
+        tensors.unlink()
+        skeleton.unlink()
+        (found / "optimizer.pt").write_bytes(b"\x80\x04not a pickle anyone should open")
+        expected = "written by an older slimformer.*delete it or run without --resume"
+    elif damage == "truncated tensors":
+        tensors.write_bytes(tensors.read_bytes()[:100])
+        expected = "damaged"
+    else:
+        skeleton.write_text('{"format": 1, "skel')
+        expected = "damaged"
+    with pytest.raises(UserError, match=expected):
+        train(tiny_llama(), SupervisedTask(), tiny_windows(), options, checkpoint=tmp_path, resume=True)

@@ -42,7 +42,8 @@ model, info = train(model, MyTask(), data, TrainSettings(steps=100, lr=1e-4), ch
   Only rank 0 writes checkpoints and files. `slimformer.train.dist` has `rank()`, `world_size()`,
   `is_main()`, `init_distributed()`.
 - Checkpoints (with a folder, every `checkpoint_every` steps): weights (model + extras) and masks as
-  safetensors, the optimizer through `torch.save` and `torch.load(weights_only=True)`; the data
+  safetensors, the optimizer state as optimizer.safetensors (its tensors) + optimizer.json (the rest,
+  `slimformer.train.state_io`), nothing pickled; the data
   order and the dropout seed are functions of the step, so `resume=True` continues from the last
   checkpoint and reproduces the uninterrupted run's weights exactly.
 - In a recipe, a step reaches the frozen uncompressed model as `ctx.teacher`, its data as

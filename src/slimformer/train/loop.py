@@ -30,6 +30,7 @@ from slimformer.models.layout import all_linears
 from slimformer.train import dist
 from slimformer.train.data import TrainData, micro_batches
 from slimformer.train.schedule import lr_at
+from slimformer.train.state_io import load_state, save_state
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ def train(model: nn.Module, task: TrainTask, data: TrainData, options: TrainOpti
         raise UserError("training found no trainable parameter (every parameter has requires_grad=False).")
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
     if found is not None:
-        _load_optimizer(found, wrapped, optimizer, fsdp, dev)
+        _load_optimizer(found, wrapped, optimizer, fsdp)
     state = TrainState(start, 0.0, masks)
     curve: list[float] = []
     t0 = time.perf_counter()
@@ -284,8 +285,8 @@ def _gather(wrapped: nn.Module, template: TrainModule) -> None:
         full[name].copy_(value.full_tensor() if hasattr(value, "full_tensor") else value)
 
 
-# ---- checkpoints: <folder>/step_<n>/{model.safetensors, masks.safetensors, optimizer.pt, state.json}
-# (FSDP: full weights, and one full optimizer state keyed by parameter name, so any number of ranks can resume)
+# ---- checkpoints: <folder>/step_<n>/{model, masks, optimizer}.safetensors + {optimizer, state}.json, nothing
+# pickled (FSDP: full weights, and one full optimizer state keyed by parameter name, so any number of ranks can resume)
 
 def _latest(folder: Path) -> Path | None:
     done = sorted(p for p in Path(folder).glob("step_*") if (p / "state.json").exists())
@@ -312,7 +313,7 @@ def _save(folder: Path, step: int, wrapped: nn.Module, module: TrainModule, temp
         tmp.mkdir(parents=True)
         save_model(template if fsdp else module, str(tmp / "model.safetensors"))
         save_file({k: v.detach().cpu().contiguous() for k, v in masks.items()}, str(tmp / "masks.safetensors"))
-        torch.save(optim_state, tmp / "optimizer.pt")
+        save_state(optim_state, tmp, "optimizer")
         (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": dist.world_size(), "fsdp": fsdp}))
     dist.barrier()
     if rank == 0:
@@ -325,30 +326,48 @@ def _save(folder: Path, step: int, wrapped: nn.Module, module: TrainModule, temp
 
 def _load_weights(found: Path, module: TrainModule, dev: torch.device, fsdp: bool) -> tuple[int, dict[str, Tensor]]:
     """Restore weights from checkpoint `found` (before any wrapping); returns (steps done, masks)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, load_model
 
-    meta = json.loads((found / "state.json").read_text())
-    if not (found / "optimizer.pt").exists():
-        raise UserError(f"checkpoint '{found}' has no optimizer.pt (an older FSDP checkpoint, one optimizer file per "
-                        "rank, which this version cannot read); delete it or run without --resume.")
+    try:
+        meta = json.loads((found / "state.json").read_text())
+        step = int(meta["step"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise UserError(f"checkpoint '{found}': state.json is damaged ({str(exc)[:100]}); delete it or run without "
+                        "--resume.") from None
+    if not all((found / name).exists() for name in ("optimizer.safetensors", "optimizer.json")):
+        if any(found.glob("optimizer*.pt")):  # a pickle (one per rank for older FSDP runs): never unpickled
+            raise UserError(f"checkpoint '{found}' was written by an older slimformer (optimizer state in a pickle, "
+                            "optimizer.pt, which this version does not read); delete it or run without --resume.")
+        raise UserError(f"checkpoint '{found}' lacks optimizer.safetensors or optimizer.json (an incomplete "
+                        "checkpoint); delete it or run without --resume.")
     if bool(meta.get("fsdp")) != fsdp:  # the two optimizer-state layouts differ (by parameter name vs by index)
         how = ("with strategy: fsdp under torchrun", "with strategy: ddp or in one process")[not meta.get("fsdp")]
         raise UserError(f"checkpoint '{found}' was written {how}; resume it the same way, or delete it.")
     try:
         load_model(module, str(found / "model.safetensors"), strict=True, device=str(dev))
+        masks = {k: v.to(dev) for k, v in load_file(str(found / "masks.safetensors")).items()}
     except RuntimeError as exc:
         raise UserError(f"checkpoint '{found}' does not fit this model ({str(exc)[:200]}); delete it or run without --resume.") from None
-    masks = {k: v.to(dev) for k, v in load_file(str(found / "masks.safetensors")).items()}
-    return int(meta["step"]), masks
+    except (OSError, SafetensorError) as exc:
+        raise UserError(f"checkpoint '{found}': model.safetensors or masks.safetensors cannot be read "
+                        f"({str(exc)[:200]}); delete it or run without --resume.") from None
+    return step, masks
 
 
-def _load_optimizer(found: Path, wrapped: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool,
-                    dev: torch.device) -> None:
-    """Restore the optimizer state from checkpoint `found` (FSDP: the full dict, cut into this rank's shards)."""
-    if not fsdp:
-        optimizer.load_state_dict(torch.load(found / "optimizer.pt", weights_only=True, map_location=dev))
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+def _load_optimizer(found: Path, wrapped: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> None:
+    """Restore the optimizer state from checkpoint `found` (FSDP: the full dict, cut into this rank's shards).
 
-    state = torch.load(found / "optimizer.pt", weights_only=True, map_location="cpu")
-    set_optimizer_state_dict(wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    The state is read onto the CPU; `load_state_dict` moves each tensor to its parameter's device, and
+    leaves AdamW's `step` on the CPU, where a fresh (not capturable, not fused) AdamW keeps it."""
+    state = load_state(found, "optimizer")
+    try:
+        if not fsdp:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"checkpoint '{found}': its optimizer state does not fit this optimizer ({str(exc)[:200]}); "
+                        "delete it or run without --resume.") from None
