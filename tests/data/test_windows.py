@@ -61,6 +61,10 @@ def test_too_short_text():
         lm_windows(FakeTokenizer(1, prepend=True), _text(3), seq_len=5)
     with pytest.raises(UserError, match=r"found 4 tokens, need at least 5"):
         lm_windows(FakeTokenizer(1, prepend=False), _text(4), seq_len=5)
+    with pytest.raises(UserError, match=r"^evaluation text too short"):
+        lm_windows(FakeTokenizer(1, prepend=False), _text(4), seq_len=5)
+    with pytest.raises(UserError, match=r"^calibration text too short for one window: found 4 tokens"):
+        calibration_windows(FakeTokenizer(1, prepend=False), TextData("d", (_text(4),), None), n=2, seq_len=5)
 
 
 def test_calibration_windows_first_n():

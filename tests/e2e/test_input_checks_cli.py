@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 import time
 
+import pytest
+
 from slimformer.cli import main
 
 BOMB = """\
@@ -47,3 +49,15 @@ def test_binary_eval_file_is_not_text(tmp_path, capsys) -> None:
                  "--json", str(report)])
     err = capsys.readouterr().err
     assert code == 2 and "random.txt' is not UTF-8 text" in err and not report.exists(), err
+
+
+@pytest.mark.parametrize("method", ["gptq", "wanda"])
+def test_too_short_calibration_text_says_calibration(tmp_path, tiny_dirs, capsys, method) -> None:
+    recipe, calib, out = tmp_path / "recipe.yaml", tmp_path / "tiny.txt", tmp_path / "out"
+    recipe.write_text(f"steps:\n  - method: {method}\n" + ("    sparsity: 0.5\n" if method == "wanda" else "    group_size: 32\n"))
+    calib.write_text("only a few words")
+    code = main(["compress", str(tiny_dirs["llama"]), "--recipe", str(recipe), "--calib", str(calib), "--output", str(out),
+                 "--no-latency", "--max-windows", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "calibration text too short for one window" in err and "evaluation" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml", "tiny.txt"]

@@ -34,11 +34,13 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return _input_ids(enc)
 
 
-def lm_windows(tokenizer: Any, text: str, seq_len: int = 512, max_windows: int | None = None) -> Tensor:
+def lm_windows(tokenizer: Any, text: str, seq_len: int = 512, max_windows: int | None = None, *,
+               purpose: str = "evaluation") -> Tensor:
     """Non-overlapping `(n, seq_len)` long windows of `text`; BOS-first if the tokenizer prepends BOS.
 
     The text is tokenized once; the short tail is dropped. With BOS, each window holds
-    BOS plus `seq_len - 1` text tokens.
+    BOS plus `seq_len - 1` text tokens. `purpose` names the windows in errors ("evaluation",
+    "calibration", "training").
     """
     bos = prepends_bos(tokenizer)
     if seq_len < (2 if bos else 1):
@@ -50,7 +52,7 @@ def lm_windows(tokenizer: Any, text: str, seq_len: int = 512, max_windows: int |
     n = ids.numel() // step
     if n == 0:
         raise UserError(
-            f"text too short for one evaluation window: found {ids.numel()} tokens, "
+            f"{purpose} text too short for one window: found {ids.numel()} tokens, "
             f"need at least {step} (seq_len={seq_len}{', one position reserved for BOS' if bos else ''})"
         )
     if max_windows is not None:
@@ -66,4 +68,4 @@ def calibration_windows(tokenizer: Any, data: TextData, n: int = 64, seq_len: in
     """The first `n` windows (fewer if the text is shorter) of the joined calibration texts."""
     if n < 1:
         raise UserError(f"calibration windows: expected n >= 1, found {n}")
-    return lm_windows(tokenizer, data.joined(), seq_len=seq_len, max_windows=n)
+    return lm_windows(tokenizer, data.joined(), seq_len=seq_len, max_windows=n, purpose="calibration")
