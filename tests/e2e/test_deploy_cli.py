@@ -56,7 +56,7 @@ def test_bench_bad_inputs_exit_2(tmp_path, tiny_dirs, capsys) -> None:
     cases = [
         [str(tmp_path / "missing")],
         [str(tiny_dirs["llama"]), "--batch", "0"],
-        [str(fake)],  # an .onnx file with the default torch runtime
+        [str(fake)],  # not a model either (an .onnx file runs in onnxruntime whatever --runtime says)
         [str(fake), "--runtime", "onnxruntime"],  # not a model
         [str(tmp_path / "missing.onnx"), "--runtime", "onnxruntime"],
         [str(tiny_dirs["llama"]), "--json", str(tmp_path / "no" / "b.json")],

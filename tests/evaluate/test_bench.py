@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
 
+from slimformer.cli import main
 from slimformer.errors import UserError
 from slimformer.evaluate.bench import BenchSettings, bench, compare_table, latency_stats, time_calls
+from slimformer.export.onnx import export_onnx
 
 
 def test_latency_stats_exact() -> None:
@@ -55,3 +59,14 @@ def test_bench_decoder(tiny_llama, runtime: str) -> None:
     assert first["prefill"]["median_ms"] > 0 and second["size_bytes"] > 0
     table = compare_table(report)
     assert "decode median (ms/token)" in table and table.count("×)") == 6  # ratios in the second column
+
+
+def test_onnx_file_runs_in_onnxruntime_without_the_flag(tiny_llama, tmp_path, capsys) -> None:
+    onnx_file, summary = tmp_path / "llama.onnx", tmp_path / "bench.json"
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    export_onnx(model, "decoder", onnx_file)
+    assert main(["bench", str(onnx_file), "--runs", "2", "--warmup", "1", "--prefill", "0", "--seq", "8",
+                 "--json", str(summary)]) == 0, capsys.readouterr().err  # the default --runtime is torch
+    (result,) = json.loads(summary.read_text())["results"]
+    assert result["runtime"] == "onnxruntime" and result["forward"]["runs"] == 2
+    assert "(onnxruntime)" in capsys.readouterr().out

@@ -152,7 +152,8 @@ def bench_target(target: Target, s: BenchSettings) -> dict[str, Any]:
 
 def open_target(spec: str, s: BenchSettings, workdir: Path, index: int = 0) -> Target:
     """A model to time from an alias, a Hugging Face or slimformer folder (torch, or exported into
-    `workdir` for onnxruntime) or an .onnx file (always onnxruntime)."""
+    `workdir` for onnxruntime) or an .onnx file (always onnxruntime, whatever `s.runtime` says:
+    torch cannot run it, and the result's `runtime` names the one that did)."""
     from slimformer.evaluate.size import folder_bytes
     from slimformer.export.onnx import OrtModel, export_onnx
     from slimformer.models.loading import load_bundle
@@ -161,8 +162,6 @@ def open_target(spec: str, s: BenchSettings, workdir: Path, index: int = 0) -> T
     if path.suffix == ".onnx":
         if not path.is_file():
             raise UserError(f"ONNX file '{spec}' does not exist.")
-        if s.runtime == "torch":
-            raise UserError(f"'{spec}' is an ONNX file: it runs with --runtime onnxruntime, not torch.")
         model = OrtModel(path, threads=s.threads)
         vocab = model.session.get_outputs()[0].shape[-1] if model.kind == "decoder" else ENCODER_IDS
         if not isinstance(vocab, int):
