@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -14,9 +15,10 @@ from typing import Any, Callable
 
 from torch import nn
 
-from slimformer.checkpoint import fingerprint, open_checkpoints
+from slimformer.checkpoint import fingerprint, holds_finished, open_checkpoints
 from slimformer.context import StepContext
 from slimformer.data.sources import load_data
+from slimformer.data.windows import lm_windows
 from slimformer.errors import UserError
 from slimformer.evaluate.distribution import Comparison, compare_distributions, distribution_inputs
 from slimformer.evaluate.measure import DEFAULT_CALIB, EvalData, EvalSettings, measure, prepare_eval
@@ -24,7 +26,9 @@ from slimformer.evaluate.report import environment, metrics_table, plot_report, 
 from slimformer.evaluate.size import folder_bytes
 from slimformer.export.artifact import save_artifact
 from slimformer.models.layout import select_linears
-from slimformer.models.loading import ModelBundle, load_bundle
+from slimformer.models.loading import ModelBundle, load_bundle, resolve_folder
+from slimformer.outputs import OutputLock, check_file_output, check_folder_output, no_space_error, protected_paths
+from slimformer.quant.qscheme import check_group_fits
 from slimformer.recipe import ExportSpec, Recipe
 from slimformer.registry import get_method
 
@@ -47,66 +51,121 @@ def compress(
 ) -> dict[str, Any]:
     """Run `recipe` on `model`, measure before/after, and (with `output`) write the folder.
 
-    Returns the report dict (see DESIGN.md). The input model is never modified: a loaded bundle
-    is deep-copied first, and output goes to a temporary sibling renamed only when complete.
-    With `output`, layer-wise steps save each finished block in the hidden sibling
+    Returns the report dict (see docs). The input model is never modified: a loaded bundle is
+    deep-copied first, an output that is or holds the input is refused, and output goes to a
+    temporary sibling renamed only when complete. One run at a time holds an output (a lock beside
+    it). With `output`, layer-wise steps save each finished block in the hidden sibling
     `.<output>.resume/` (removed on success); `resume=True` continues from there.
     """
     started = time.perf_counter()
     recipe = Recipe.coerce(recipe)
     main = _start_distributed()  # under torchrun: every rank runs the steps, rank 0 alone measures and writes
-    out_dir = _check_output(output, overwrite)
-    if resume and out_dir is None:
+    if resume and output is None:
         raise UserError("resume needs an output folder: the checkpoint lives beside it.")
+    source = model.folder if isinstance(model, ModelBundle) else resolve_folder(model)
+    out_dir = None if output is None else check_folder_output(output, protected=protected_paths(source),
+                                                              overwrite=overwrite)
+    with OutputLock(out_dir) if out_dir is not None and main else contextlib.nullcontext():
+        return _compress(model, recipe, calib, eval, out_dir, overwrite=overwrite, progress=progress,
+                         resume=resume, main=main, started=started)
+
+
+def _compress(model: str | Path | ModelBundle, recipe: Recipe, calib: str | None, eval: str | EvalSettings | None,  # noqa: A002
+              out_dir: Path | None, *, overwrite: bool, progress: bool, resume: bool, main: bool,
+              started: float) -> dict[str, Any]:
+    """`compress` once its output is checked and locked: everything the input can be faulted for is
+    found before the first measurement."""
     settings = eval if isinstance(eval, EvalSettings) else EvalSettings(data=eval, progress=progress)
     bundle = load_bundle(model) if not isinstance(model, ModelBundle) else model
-    calib_data = load_data(calib or DEFAULT_CALIB[bundle.kind], "calib")
+    calib_name = calib or DEFAULT_CALIB[bundle.kind]
+    root = out_dir.parent / f".{out_dir.name}.resume" if out_dir is not None else None
+    digest = fingerprint(model=bundle.name, source=_source_identity(bundle), recipe=recipe.to_dict(), calib=calib_name)
+    if root is not None and main:
+        open_checkpoints(root, digest, resume)  # a damaged or foreign checkpoint is refused now
+    calib_data = load_data(calib_name, "calib")
     data = prepare_eval(bundle, settings)
     work = copy.deepcopy(bundle.model)
-    for step in recipe.steps:  # fail on unmatched patterns before any measurement
-        select_linears(work, step.config.targets, step.config.ignore)
+    _check_fits(recipe, work, bundle)
+    _check_calibration(recipe, bundle, calib_data)
+    _barrier()
+    ctx = StepContext(tokenizer=bundle.tokenizer, kind=bundle.kind, calib=calib_data, progress=progress and main,
+                      teacher=bundle.model, resume=resume, fingerprint=digest)
+    done = False
+    try:
+        report = _run_recipe(bundle, work, recipe, ctx, root, data, settings, main, calib_name)
+        if main:
+            _finish(report, bundle, work, recipe, out_dir, data, settings, overwrite, started)
+        done = True
+        return report
+    except UserError:
+        if root is not None and main:  # bad input (e.g. NaNs in calibration) leaves nothing behind
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+    except Exception as exc:  # a full disk is the user's to fix (exit 2); anything else stays internal
+        full = no_space_error(exc, out_dir or Path(tempfile.gettempdir()), _state_bytes(work))
+        if full is not None:
+            kept = " Finished blocks are kept: rerun with --resume." if root is not None and holds_finished(root) else ""
+            raise UserError(f"{full}{kept}") from None
+        raise
+    finally:
+        if root is not None and main and (done or not holds_finished(root)):
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _check_fits(recipe: Recipe, work: nn.Module, bundle: ModelBundle) -> None:
+    """The recipe's patterns match layers of this model and its group sizes fit them: checked before
+    any measurement, so a recipe that cannot run fails in seconds."""
+    for i, step in enumerate(recipe.steps):
+        layers = select_linears(work, step.config.targets, step.config.ignore)
+        group = getattr(step.config, "group_size", None)
+        quantizes = getattr(step.config, "bits", 0) is not None  # sparsegpt without bits has no groups
+        if quantizes and isinstance(group, int) and group > 0:
+            check_group_fits(group, layers, f"step {i + 1} ({step.method})")
     if recipe.export is not None and recipe.export.kv_cache and bundle.kind != "decoder":
         raise UserError(f"export.kv_cache: only decoders have a key/value cache; '{bundle.name}' is an {bundle.kind}.")
 
+
+def _check_calibration(recipe: Recipe, bundle: ModelBundle, calib: Any) -> None:
+    """A decoder's calibration text must fill one window of the longest `seq_len` a step asks for:
+    found here, not after the baseline measurement."""
+    lengths = [step.config.seq_len for step in recipe.steps if isinstance(getattr(step.config, "seq_len", None), int)]
+    if bundle.kind == "decoder" and lengths and bundle.tokenizer is not None:
+        lm_windows(bundle.tokenizer, calib.joined(), max(lengths), max_windows=1, purpose="calibration")
+
+
+def _run_recipe(bundle: ModelBundle, work: nn.Module, recipe: Recipe, ctx: StepContext, root: Path | None,
+                data: EvalData, settings: EvalSettings, main: bool, calib_name: str) -> dict[str, Any]:
+    """Measure the input, apply every step to `work` (measuring after each with step metrics on), and
+    return the report so far (`compressed` is filled in by `_finish`)."""
     baseline = measure(bundle, data, settings) if main else {}
     if main:
         baseline["size_bytes"] = _source_bytes(bundle)
-
-    ctx = StepContext(tokenizer=bundle.tokenizer, kind=bundle.kind, calib=calib_data, progress=progress and main,
-                      teacher=bundle.model)
-    root = None
-    if out_dir is not None:
-        root = out_dir.parent / f".{out_dir.name}.resume"
-        if main:
-            open_checkpoints(root, fingerprint(
-                model=bundle.name, recipe=recipe.to_dict(), calib=calib or DEFAULT_CALIB[bundle.kind]), resume)
-        _barrier()
     steps = []
-    try:
-        for i, step in enumerate(recipe.steps):
-            t0 = time.perf_counter()
-            step_ctx = dataclasses.replace(ctx, checkpoint=root / f"step{i}" if root else None, resume=resume)
-            info = get_method(step.method).apply(work, step.config, step_ctx)
-            steps.append({"method": step.method, **step.to_dict(), **info, "wall_s": round(time.perf_counter() - t0, 2)})
-            if main and settings.step_metrics and i < len(recipe.steps) - 1:  # the last one is `compressed`
-                steps[-1]["metrics"] = _step_metrics(bundle, work, data, settings)
-    except UserError:
-        if root is not None:  # bad input (e.g. NaNs in calibration) leaves nothing behind
-            shutil.rmtree(root, ignore_errors=True)
-        raise
-    compressed_bundle = ModelBundle(work, bundle.tokenizer, bundle.kind, bundle.name)
+    for i, step in enumerate(recipe.steps):
+        t0 = time.perf_counter()
+        step_ctx = dataclasses.replace(ctx, checkpoint=root / f"step{i}" if root else None)
+        info = get_method(step.method).apply(work, step.config, step_ctx)
+        steps.append({"method": step.method, **step.to_dict(), **info, "wall_s": round(time.perf_counter() - t0, 2)})
+        if main and settings.step_metrics and i < len(recipe.steps) - 1:  # the last one is `compressed`
+            steps[-1]["metrics"] = _step_metrics(bundle, work, data, settings)
     if not main:  # the other torchrun ranks took part in training; rank 0 reports
         return {"model": bundle.name, "recipe": recipe.to_dict(), "steps": steps, "rank": _rank()}
+    return {
+        "model": bundle.name, "recipe": recipe.to_dict(), "eval_data": data.name, "calib_data": calib_name,
+        "baseline": baseline, "compressed": None, "steps": steps, "environment": environment(),
+    }
+
+
+def _finish(report: dict[str, Any], bundle: ModelBundle, work: nn.Module, recipe: Recipe, out_dir: Path | None,
+            data: EvalData, settings: EvalSettings, overwrite: bool, started: float) -> None:
+    """Measure the compressed model into `report`, run the export stage, and write the output folder."""
+    compressed_bundle = ModelBundle(work, bundle.tokenizer, bundle.kind, bundle.name)
     compressed = measure(compressed_bundle, data, settings)
+    report["compressed"] = compressed
+    steps = report["steps"]
     if settings.step_metrics and len(steps) > 1:
         steps[-1]["metrics"] = compressed  # the same dict: size_bytes lands in both when the folder is saved
     dist = _distributions(bundle, work, data, settings) if settings.distribution else None
-
-    report = {
-        "model": bundle.name, "recipe": recipe.to_dict(), "eval_data": data.name,
-        "calib_data": calib or DEFAULT_CALIB[bundle.kind],
-        "baseline": baseline, "compressed": compressed, "steps": steps, "environment": environment(),
-    }
     if dist is not None:
         report["distribution"] = dist.to_json()
     if out_dir is None:
@@ -115,13 +174,10 @@ def compress(
             with tempfile.TemporaryDirectory(prefix="slimformer-export-") as tmp:
                 report["export"] = _export_stage(compressed_bundle, recipe.export, Path(tmp) / "model.onnx", data, settings)
         report["wall_s"] = round(time.perf_counter() - started, 2)
-        return report
+        return
     _write_output(out_dir, compressed_bundle, recipe, report, started, overwrite, dist,
                   lambda folder: _export_stage(compressed_bundle, recipe.export, folder / "model.onnx", data, settings)
                   if recipe.export is not None else None)
-    if root is not None:
-        shutil.rmtree(root, ignore_errors=True)
-    return report
 
 
 def evaluate(model: str | Path | ModelBundle, eval: str | EvalSettings | None = None, *, progress: bool = True) -> dict[str, Any]:  # noqa: A002
@@ -152,12 +208,16 @@ def export(
         raise UserError(f"unknown export format {format!r}; supported: onnx, hf.")
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be a positive integer, got {threads}.")
-    out = Path(output).expanduser()
-    if out.exists() and (out.is_dir() or not overwrite):
-        raise UserError(f"output '{out}' already exists; choose another path or pass --overwrite.")
+    source = model.folder if isinstance(model, ModelBundle) else resolve_folder(model)
+    out = check_file_output(output, protected=protected_paths(source), overwrite=overwrite)
     bundle = load_bundle(model) if not isinstance(model, ModelBundle) else model
-    info, _ = _export_checked(bundle, out, kv_cache=kv_cache, int4_compute=int4_compute, threads=threads)
-    return {"model": bundle.name, "kind": bundle.kind, **info}
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # renamed once the parity check passed
+    try:
+        info, _ = _export_checked(bundle, tmp, kv_cache=kv_cache, int4_compute=int4_compute, threads=threads)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"model": bundle.name, "kind": bundle.kind, **info, "path": str(out)}
 
 
 def _export_checked(bundle: ModelBundle, path: Path, *, kv_cache: bool, int4_compute: str,
@@ -190,6 +250,8 @@ def save_hf(
     if isinstance(model, nn.Module):
         bundle = ModelBundle(model, None, model_kind(model.config), type(model).__name__)
     else:
+        source = model.folder if isinstance(model, ModelBundle) else resolve_folder(model)
+        check_folder_output(output, protected=protected_paths(source), overwrite=overwrite)
         bundle = load_bundle(model) if not isinstance(model, ModelBundle) else model
     info = save_hf_folder(bundle.model, bundle.tokenizer, Path(output), dtype=dtype, overwrite=overwrite)
     if bundle.tokenizer is not None:
@@ -210,6 +272,7 @@ def _output_parity(bundle: ModelBundle, other: nn.Module, ids: Any, mask: Any) -
     with emulate_int_mm(bundle.model):
         ref = getattr(bundle.model(input_ids=ids, attention_mask=mask), field).float()[mask.bool()]
     got = getattr(other(input_ids=ids, attention_mask=mask), field).float()[mask.bool()]
+    ref, got = ref.double(), got.double()  # float32 sums over millions of values read cosines above 1
     err = (got - ref).abs()
     cosine = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0)
     return {"cosine": round(float(cosine), 6), "max_abs_err": float(err.max()), "mean_abs_err": float(err.mean())}
@@ -218,8 +281,6 @@ def _output_parity(bundle: ModelBundle, other: nn.Module, ids: Any, mask: Any) -
 def _parity_inputs(bundle: ModelBundle) -> tuple[Any, Any]:
     """Real token ids and mask for the export check (UserError without a tokenizer)."""
     import torch
-
-    from slimformer.data.windows import lm_windows
 
     if bundle.tokenizer is None:
         raise UserError(f"model '{bundle.name}' has no tokenizer: the export check needs one.")
@@ -278,15 +339,17 @@ def _rank() -> int:
     return dist.rank()
 
 
-def _check_output(output: str | Path | None, overwrite: bool) -> Path | None:
-    if output is None:
+def _source_identity(bundle: ModelBundle) -> dict[str, Any] | None:
+    """What identifies the input's contents for the resume fingerprint, cheaply: each file's name,
+    size and modification time (a changed model folder does not resume another model's blocks)."""
+    if bundle.folder is None:
         return None
-    out = Path(output).expanduser()
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"output '{out}' already exists and is not empty; choose another path or pass --overwrite.")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise UserError(f"output's parent '{out.parent}' is a file, not a folder.")
-    return out
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(Path(bundle.folder).iterdir()) if p.is_file()}
+
+
+def _state_bytes(model: nn.Module) -> int:
+    """Bytes of the model's tensors as held in memory: an upper bound of what its artifact needs."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 def _source_bytes(bundle: ModelBundle) -> int:

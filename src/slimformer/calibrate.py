@@ -94,7 +94,7 @@ def run_layerwise(
     `after_block(index, next_inputs)` runs once a block is done.
     """
     _, blocks = find_blocks(model)
-    checkpoint = BlockCheckpoint(ctx.checkpoint) if ctx is not None and ctx.checkpoint is not None else None
+    checkpoint = BlockCheckpoint(ctx.checkpoint, ctx.fingerprint) if ctx is not None and ctx.checkpoint is not None else None
     start, infos = 0, []
     if checkpoint is not None and ctx is not None and ctx.resume:
         start = checkpoint.finished(len(blocks))

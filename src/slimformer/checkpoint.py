@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -32,10 +33,12 @@ def _stored_classes() -> dict[str, type[nn.Module]]:
 
 
 class BlockCheckpoint:
-    """The finished blocks of one layer-wise step, in `folder/block_<i>.{safetensors,json}`."""
+    """The finished blocks of one layer-wise step, in `folder/block_<i>.{safetensors,json}`; each
+    block's JSON carries the run's fingerprint, checked when it is restored."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, digest: str | None = None) -> None:
         self.folder = Path(folder)
+        self.digest = digest
 
     def _paths(self, index: int) -> tuple[Path, Path]:
         return self.folder / f"block_{index}.safetensors", self.folder / f"block_{index}.json"
@@ -49,7 +52,7 @@ class BlockCheckpoint:
 
     def save(self, index: int, block: nn.Module, info: dict[str, Any]) -> None:
         """Store block `index` as it is now (its replaced layers by class + spec) and its step info."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        claim(self.folder, self.digest)
         classes = _stored_classes()
         modules = {
             name: {"class": type(m).__name__, **m.spec()}
@@ -60,7 +63,7 @@ class BlockCheckpoint:
         weights, meta = self._paths(index)
         save_file(tensors, str(weights.with_suffix(".tmp")))
         os.replace(weights.with_suffix(".tmp"), weights)
-        meta.with_suffix(".tmp").write_text(json.dumps({"modules": modules, "info": info}))
+        meta.with_suffix(".tmp").write_text(json.dumps({"fingerprint": self.digest, "modules": modules, "info": info}))
         os.replace(meta.with_suffix(".tmp"), meta)
 
     def restore(self, blocks: list[nn.Module], upto: int) -> list[dict[str, Any]]:
@@ -69,17 +72,49 @@ class BlockCheckpoint:
         infos = []
         for index in range(upto):
             weights, meta_path = self._paths(index)
-            meta = json.loads(meta_path.read_text())
+            meta = _block_meta(meta_path, self.digest)
             block = blocks[index]
-            for name, spec in meta["modules"].items():
-                block.set_submodule(name, classes[spec["class"]].from_spec(spec))
             try:
+                for name, spec in meta["modules"].items():
+                    block.set_submodule(name, classes[spec["class"]].from_spec(spec))
                 block.load_state_dict(load_file(str(weights)), strict=True)
-            except RuntimeError as exc:
-                raise UserError(f"checkpoint '{weights}' does not fit this model ({exc}); delete "
-                                f"'{self.folder.parent}' or run without --resume.") from None
+            except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, SafetensorError) as exc:
+                raise UserError(f"checkpoint '{weights}' is damaged or does not fit this model ({str(exc)[:200]}); "
+                                f"delete '{self.folder.parent}' or run without --resume.") from None
             infos.append(meta["info"])
         return infos
+
+
+def _block_meta(path: Path, digest: str | None) -> dict[str, Any]:
+    """A block's JSON, checked: readable, complete, and written by the run with fingerprint `digest`."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"checkpoint '{path}' is damaged ({exc}); delete '{path.parent.parent}' or run without "
+                        "--resume.") from None
+    if not isinstance(meta, dict) or not {"modules", "info"} <= set(meta):
+        raise UserError(f"checkpoint '{path}' is damaged (incomplete); delete '{path.parent.parent}' or run "
+                        "without --resume.")
+    if digest is not None and meta.get("fingerprint") != digest:
+        raise UserError(f"checkpoint '{path}' was written by another run (another model, recipe or calibration "
+                        f"data); delete '{path.parent.parent}' or run without --resume.")
+    return meta
+
+
+def claim(step_folder: Path, digest: str | None) -> None:
+    """Create a step's checkpoint folder, and the run's fingerprint beside it if it is the first:
+    called just before something is saved, so steps that never checkpoint leave no folder."""
+    step_folder = Path(step_folder)
+    stamp = step_folder.parent / FINGERPRINT
+    step_folder.mkdir(parents=True, exist_ok=True)
+    if digest is not None and not stamp.exists():
+        stamp.write_text(json.dumps({"fingerprint": digest}))
+
+
+def holds_finished(root: Path) -> bool:
+    """True if the checkpoint folder `root` holds a finished block or training checkpoint."""
+    root = Path(root)
+    return root.is_dir() and (any(root.glob("step*/block_*.json")) or any(root.glob("step*/step_*/state.json")))
 
 
 def fingerprint(**parts: Any) -> str:
@@ -88,19 +123,35 @@ def fingerprint(**parts: Any) -> str:
 
 
 def open_checkpoints(root: Path, digest: str, resume: bool) -> Path:
-    """Prepare the checkpoint folder `root` for a run with fingerprint `digest`.
+    """Prepare the checkpoint folder `root` for a run with fingerprint `digest`, before any slow work.
 
-    Without `resume` any old checkpoint is discarded. With it, an existing one must have been
-    made by the same model, recipe and calibration data.
+    Without `resume` any old checkpoint is discarded; the folder is created only when a step first
+    saves something (`claim`). With it, an existing one must have been made by the same model,
+    recipe and calibration data, and every saved block must be readable.
     """
     stamp = root / FINGERPRINT
-    if resume and stamp.exists():
-        found = json.loads(stamp.read_text()).get("fingerprint")
+    if resume and root.is_dir():
+        try:
+            found = json.loads(stamp.read_text()).get("fingerprint") if stamp.exists() else None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            found = None
         if found != digest:
             raise UserError(f"the checkpoint in '{root}' was made by another model, recipe or calibration "
-                            f"data; delete it or run without --resume.")
+                            f"data (or is damaged); delete it or run without --resume.")
+        check_blocks(root, digest)
         return root
     shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    stamp.write_text(json.dumps({"fingerprint": digest}))
     return root
+
+
+def check_blocks(root: Path, digest: str) -> None:
+    """UserError for a saved block that is damaged or from another run (JSON, fingerprint, safetensors header)."""
+    for meta in sorted(root.glob("step*/block_*.json")):
+        _block_meta(meta, digest)
+        weights = meta.with_suffix(".safetensors")
+        try:
+            with safe_open(str(weights), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"checkpoint '{weights}' is damaged ({exc}); delete '{root}' or run without "
+                            "--resume.") from None

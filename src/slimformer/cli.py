@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from slimformer.errors import UserError
+from slimformer.outputs import write_text_atomic
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("models", nargs="+", metavar="MODEL_OR_DIR",
                    help="alias, Hugging Face folder, slimformer output folder, or .onnx file (onnxruntime)")
     b.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"],
-                   help="torch, or onnxruntime (folders are exported to a temporary ONNX file first)")
+                   help="for folders and aliases: torch, or onnxruntime (exported to a temporary ONNX file first); "
+                        "an .onnx file always runs in onnxruntime")
     b.add_argument("--batch", type=int, default=1, help="forward batch size (default 1)")
     b.add_argument("--seq", type=int, default=128, help="forward sequence length (default 128)")
     b.add_argument("--threads", type=int, help="threads (default: torch's current setting)")
@@ -103,6 +105,7 @@ def _run(args: argparse.Namespace) -> int:
 
     transformers.logging.set_verbosity_error()  # the CLI owns this process: keep its output readable
     transformers.utils.logging.disable_progress_bar()
+    json_out = _json_output(args)  # checked before any work: a bad --json path fails in a second
     if args.command == "compress":
         report = api.compress(
             args.model, Path(args.recipe), calib=args.calib, eval=_settings(args),
@@ -121,23 +124,21 @@ def _run(args: argparse.Namespace) -> int:
         result = api.evaluate(args.model, _settings(args))
         print(f"\n{result['model']} on {result['eval_data']}:\n")
         print(metrics_table({result["model"]: result["metrics"]}))
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2))
+        if json_out:
+            write_text_atomic(json_out, json.dumps(result, indent=2))
     elif args.command == "bench":
         from slimformer.evaluate.bench import BenchSettings, bench, compare_table
 
         settings = BenchSettings(runtime=args.runtime, batch=args.batch, seq=args.seq, threads=args.threads,
                                  runs=args.runs, warmup=args.warmup, prefill=args.prefill)
-        if args.json and not Path(args.json).expanduser().parent.is_dir():
-            raise UserError(f"--json: folder '{Path(args.json).parent}' does not exist.")
         report = bench(args.models, settings, progress=print)
         if args.compare:
             print("\n" + compare_table(report))
         else:
             for result in report["results"]:
                 print("\n" + compare_table({"settings": report["settings"], "results": [result]}, ratios=False))
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2))
+        if json_out:
+            write_text_atomic(json_out, json.dumps(report, indent=2))
     elif args.command == "export" and args.format == "hf":
         result = api.export(args.model, args.output, format="hf", overwrite=args.overwrite, dtype=args.dtype)
         print(f"wrote {result['path']}: {result['bytes'] / 1e6:.1f} MB, {result['dtype']} weights, "
@@ -149,8 +150,8 @@ def _run(args: argparse.Namespace) -> int:
             p = result["parity"]
             print(f"plain transformers vs slimformer on real inputs: cosine {p['cosine']:.6f}, "
                   f"max |error| {p['max_abs_err']:.3g}")
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2))
+        if json_out:
+            write_text_atomic(json_out, json.dumps(result, indent=2))
     elif args.command == "export":
         result = api.export(args.model, args.output, format=args.format, overwrite=args.overwrite, threads=args.threads,
                             kv_cache=args.kv_cache, int4_compute=args.int4_compute)
@@ -159,9 +160,21 @@ def _run(args: argparse.Namespace) -> int:
               f"{result['layers_swapped']} quantized layers exported, {result['seconds']} s")
         print(f"onnxruntime vs PyTorch on real inputs: cosine {p['cosine']:.6f}, max |error| {p['max_abs_err']:.3g}, "
               f"mean |error| {p['mean_abs_err']:.3g}")
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2))
+        if json_out:
+            write_text_atomic(json_out, json.dumps(result, indent=2))
     return 0
+
+
+def _json_output(args: argparse.Namespace) -> Path | None:
+    """The --json file, checked: its folder exists and is writable, and it is not inside an input."""
+    from slimformer.models.loading import resolve_folder
+    from slimformer.outputs import check_file_output, protected_paths
+
+    if not getattr(args, "json", None):
+        return None
+    specs = args.models if args.command == "bench" else [args.model]
+    inputs = [resolve_folder(s) for s in specs if not str(s).endswith(".onnx")]
+    return check_file_output(args.json, protected=protected_paths(*inputs), what="--json")
 
 
 def main(argv: list[str] | None = None) -> int:

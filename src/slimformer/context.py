@@ -21,6 +21,7 @@ class StepContext:
     # --resume: where this step's layer-wise engine saves finished blocks, and whether to reuse them
     checkpoint: Path | None = None
     resume: bool = False
+    fingerprint: str | None = None  # the run's: stored with every checkpoint, checked on restore
     # training steps: the frozen model as it was before the recipe (the distillation teacher)
     teacher: Any = None
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 MANIFEST_DIGEST = "manifest_sha256"  # sha256 of the manifest's canonical JSON without this key
+ALLOW_UNSEALED = "SLIMFORMER_ALLOW_UNSEALED"  # =1: load a manifest without its digest (older artifacts), with a warning
 
 
 def save_artifact(
@@ -186,9 +189,21 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             f"reads (up to {FORMAT_VERSION}); upgrade slimformer."
         )
     expected = manifest.get(MANIFEST_DIGEST)
-    if expected is not None and expected != manifest_digest(manifest):
+    if expected is None:
+        _unsealed(path)
+    elif expected != manifest_digest(manifest):
         raise UserError(f"'{path}' is corrupted (its sha256 does not match the digest it records): re-create the artifact.")
     return manifest
+
+
+def _unsealed(path: Path) -> None:
+    """A manifest without its own digest: altered (the digest removed with it) or from a slimformer
+    older than the seal. Refused unless the user opts in, and then with a warning."""
+    if os.environ.get(ALLOW_UNSEALED) != "1":
+        raise UserError(f"'{path}' records no {MANIFEST_DIGEST}, so it cannot be checked: it was edited, or written "
+                        f"by a slimformer older than the seal. Re-create the artifact; to load an old one you trust, "
+                        f"set {ALLOW_UNSEALED}=1.")
+    warnings.warn(f"'{path}' has no {MANIFEST_DIGEST}: loaded unchecked because {ALLOW_UNSEALED}=1.", stacklevel=3)
 
 
 def verify_artifact(folder: Path) -> dict[str, Any]:
@@ -213,12 +228,15 @@ def load_artifact(folder: Path, *, verified: dict[str, Any] | None = None) -> tu
     """Rebuild (model, kind) from an artifact folder, verifying its checksums; never unpickles.
 
     `verified`: the manifest `verify_artifact` already returned for this folder (skips hashing twice)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from slimformer.models.loading import load_config, refuse_remote_code
 
     folder = Path(folder)
+    refuse_remote_code(folder)
     manifest = verified if verified is not None else verify_artifact(folder)
     weights = folder / WEIGHTS
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    config = load_config(folder)  # never from custom code; an unknown model_type is a UserError
     loader = AutoModelForCausalLM if manifest["kind"] == "decoder" else AutoModel
     model = loader.from_config(config, dtype=torch.float32)
     if manifest.get("structure"):  # shrink to the pruned sizes before any weight is loaded

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from slimformer.errors import UserError
@@ -46,7 +48,10 @@ def resolve_folder(spec: str | Path) -> Path:
         raise UserError(
             f"model '{spec}' is neither a built-in alias ({', '.join(MODEL_ALIASES)}) nor an existing folder."
         )
-    if not path.is_dir() or not ((path / "config.json").exists() or (path / "manifest.json").exists()):
+    if not path.is_dir():
+        raise UserError(f"model '{spec}' is a file; expected a Hugging Face model folder (config.json + "
+                        f"*.safetensors), a slimformer output folder, or an alias ({', '.join(MODEL_ALIASES)}).")
+    if not ((path / "config.json").exists() or (path / "manifest.json").exists()):
         raise UserError(f"model folder '{spec}' has no config.json: expected a Hugging Face model folder or a slimformer output folder.")
     return path
 
@@ -54,11 +59,13 @@ def resolve_folder(spec: str | Path) -> Path:
 def load_bundle(spec: str | Path, *, tokenizer: bool = True) -> ModelBundle:
     """Load an alias, a Hugging Face folder, or a slimformer artifact folder, in fp32 eval mode.
 
-    With tokenizer=False the folder needs no tokenizer files (the bundle's tokenizer is None).
+    The folder is data, never code: custom code it names is refused, never imported. With
+    tokenizer=False the folder needs no tokenizer files (the bundle's tokenizer is None).
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve_folder(spec)
+    refuse_remote_code(folder)
     if (folder / "manifest.json").exists():
         from slimformer.export.artifact import load_artifact, verify_artifact
 
@@ -66,24 +73,109 @@ def load_bundle(spec: str | Path, *, tokenizer: bool = True) -> ModelBundle:
         tokenizer = _tokenizer(AutoTokenizer, folder) if tokenizer else None
         model, kind = load_artifact(folder, verified=manifest)
         return ModelBundle(model, tokenizer, kind, str(spec), folder)
+    check_weights(folder)
+    config = load_config(folder)  # before the tokenizer: a broken config.json is reported as such
     tokenizer = _tokenizer(AutoTokenizer, folder) if tokenizer else None
-    try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (ValueError, OSError) as exc:
-        raise UserError(f"model folder '{folder}': config.json could not be read: {exc}") from None
     kind = model_kind(config)
     loader = AutoModelForCausalLM if kind == "decoder" else AutoModel
     try:
-        model = loader.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
-    except (ValueError, OSError) as exc:
+        model, info = loader.from_pretrained(folder, config=config, dtype=torch.float32, local_files_only=True,
+                                             trust_remote_code=False, use_safetensors=True, output_loading_info=True)
+    except (ValueError, OSError, SafetensorError) as exc:
         raise UserError(f"model folder '{folder}': weights could not be loaded: {exc}") from None
+    _refuse_invented(folder, info)
     model.eval()
     return ModelBundle(model, tokenizer, kind, str(spec), folder)
 
 
+def load_config(folder: Path) -> Any:
+    """The folder's Hugging Face config, never from custom code (UserError if unreadable or unknown)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except (ValueError, OSError, KeyError) as exc:
+        raise UserError(f"model folder '{folder}': config.json could not be read: {exc}") from None
+
+
+def refuse_remote_code(folder: Path) -> None:
+    """UserError if the folder's config or tokenizer config asks for custom code (`auto_map`) that
+    transformers has no built-in class for. Checked before transformers reads the folder, so no prompt
+    to run it can appear. (A known `model_type` such as phi3 keeps an old `auto_map` harmlessly: with
+    trust_remote_code=False transformers uses its own class.)"""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config = _json_file(folder / "config.json")
+    if config is not None and "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING:
+        raise UserError(_remote_code_message(folder / "config.json", config["auto_map"],
+                                             f"model_type {str(config.get('model_type'))[:40]!r}"))
+    tok = _json_file(folder / "tokenizer_config.json")
+    if tok is not None and "auto_map" in tok:
+        import transformers
+
+        name = tok.get("tokenizer_class")
+        if not (isinstance(name, str) and hasattr(transformers, name)):
+            raise UserError(_remote_code_message(folder / "tokenizer_config.json", tok["auto_map"],
+                                                 f"tokenizer_class {str(name)[:40]!r}"))
+
+
+def _remote_code_message(path: Path, auto_map: Any, what: str) -> str:
+    targets = ", ".join(sorted({str(v)[:60] for v in (auto_map.values() if isinstance(auto_map, dict) else [auto_map])}))
+    return (f"'{path}' asks for custom Python code ({what} is not built into transformers; auto_map -> {targets}). "
+            "slimformer treats a model folder as data and never runs code from it: use a model whose "
+            "architecture transformers supports natively.")
+
+
+def _json_file(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"'{path}' is not valid JSON ({exc}); repair or replace the file.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"'{path}' holds a JSON {type(data).__name__}, expected an object; repair or replace the file.")
+    return data
+
+
+def check_weights(folder: Path) -> None:
+    """UserError, before anything is loaded, for weights slimformer must not or cannot read: no
+    safetensors file (a pickled pytorch_model.bin is never loaded), a truncated or damaged one, or a
+    slimformer artifact whose manifest is gone."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        extra = (f" (it has {', '.join(pickled[:3])}: pickle files, which slimformer never loads; convert them "
+                 "to safetensors)") if pickled else ""
+        raise UserError(f"model folder '{folder}' has no *.safetensors weights{extra}.")
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"'{path}' is truncated or damaged ({exc}); replace it with a complete copy.") from None
+        if meta.get("format") == "slimformer":
+            raise UserError(f"'{folder}' is an incomplete slimformer artifact: '{path.name}' was written by "
+                            "slimformer but manifest.json is missing, so its quantized layers cannot be rebuilt; "
+                            "re-create the artifact.")
+
+
+def _refuse_invented(folder: Path, info: dict[str, Any]) -> None:
+    """UserError when weights would be made up (missing keys, freshly initialised) or dropped
+    (unexpected keys). Tied weights are not reported missing by transformers."""
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys") or ())
+    if not (missing or unexpected or mismatched):
+        return
+    parts = [f"{label} {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+             for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)) if keys]
+    raise UserError(f"model folder '{folder}': its weights do not match its config.json: {'; '.join(parts)}. "
+                    "Missing weights would be initialised at random; slimformer refuses to compress or evaluate "
+                    "such a model. Use a complete checkpoint whose config matches it.")
+
+
 def _tokenizer(auto: Any, folder: Path) -> Any:
     try:
-        return auto.from_pretrained(folder, local_files_only=True)
+        return auto.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (ValueError, OSError) as exc:
         raise UserError(f"model folder '{folder}': no usable tokenizer: {exc}") from None
-

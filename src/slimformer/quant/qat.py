@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from slimformer.checkpoint import claim
 from slimformer.config import check_positive
 from slimformer.context import StepContext
 from slimformer.errors import UserError
@@ -152,6 +153,8 @@ def qat(model: nn.Module, config: QATConfig, ctx: StepContext | None = None) -> 
     # the model before the recipe (only read, under no_grad); called on its own: the model as it is now
     teacher = ctx.teacher if ctx.teacher is not None else copy.deepcopy(model).eval()
     data = lm_data(ctx.tokenizer, ctx.calib, config.seq_len, config.num_samples)
+    if ctx.checkpoint is not None and config.checkpoint_every:
+        claim(ctx.checkpoint, ctx.fingerprint)
     trained, info = train(model, QATTask(teacher, config, ctx), data, config, checkpoint=ctx.checkpoint,
                           resume=ctx.resume, progress=ctx.progress)
     assert trained is model  # every swap happened in place

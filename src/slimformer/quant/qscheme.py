@@ -17,7 +17,7 @@ import numbers
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from slimformer.errors import UserError
 
@@ -50,6 +50,27 @@ def check_scheme(bits: int, group_size: int, method: str | None = None) -> None:
             f"{where}group_size must be -1 (per output channel), 0 (per tensor) or a positive group size, "
             f"got {group_size!r}."
         )
+
+
+def check_group_fits(group_size: int, layers: dict[str, nn.Module], where: str) -> None:
+    """UserError when a group of `group_size` inputs is wider than a targeted layer: such a group would
+    be padded to its full width (time and memory grow with it) and mean per-channel scales anyway."""
+    widths = {name: _in_features(m) for name, m in layers.items()}
+    name, width = min(widths.items(), key=lambda kv: kv[1])
+    if group_size > width:
+        raise UserError(f"{where}: group_size {group_size} is larger than layer '{name}', which has {width} inputs; "
+                        f"use a group size of at most {width} (a divisor such as {_divisor(width)} keeps groups "
+                        "equal), -1 for one scale per output channel, or leave that layer out with `ignore`.")
+
+
+def _in_features(layer: nn.Module) -> int:
+    if hasattr(layer, "in_features"):
+        return int(layer.in_features)
+    return int(layer.weight.shape[0])  # GPT-2's Conv1D stores (in, out)
+
+
+def _divisor(width: int) -> int:
+    return next(g for g in (128, 64, 32, 16, 8, 4, 2, 1) if width % g == 0)
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:

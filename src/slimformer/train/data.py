@@ -34,7 +34,7 @@ class TrainData:
 
 def lm_data(tokenizer: Any, data: TextData, seq_len: int, max_windows: int | None = None) -> TrainData:
     """Non-overlapping `seq_len`-token windows of the joined texts (the calibration pool)."""
-    return TrainData({"input_ids": lm_windows(tokenizer, data.joined(), seq_len, max_windows)})
+    return TrainData({"input_ids": lm_windows(tokenizer, data.joined(), seq_len, max_windows, purpose="training")})
 
 
 def classification_data(tokenizer: Any, data: TextData, max_length: int = 64,

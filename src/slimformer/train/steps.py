@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from slimformer.checkpoint import claim
 from slimformer.config import check_range
 from slimformer.context import StepContext
 from slimformer.errors import UserError
@@ -43,6 +44,8 @@ def _supervised(model: nn.Module, data: TrainData, ctx: StepContext) -> Supervis
 
 
 def _run(model: nn.Module, task: TrainTask, data: TrainData, options: TrainOptions, ctx: StepContext) -> dict[str, Any]:
+    if ctx.checkpoint is not None and options.checkpoint_every:
+        claim(ctx.checkpoint, ctx.fingerprint)
     trained, info = train(model, task, data, options, checkpoint=ctx.checkpoint, resume=ctx.resume, progress=ctx.progress)
     if trained is not model:  # e.g. after FSDP: copy the gathered weights into the recipe's model
         model.load_state_dict(trained.state_dict())
