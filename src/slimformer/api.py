@@ -115,14 +115,14 @@ def _compress(model: str | Path | ModelBundle, recipe: Recipe, calib: str | None
 def _check_fits(recipe: Recipe, work: nn.Module, bundle: ModelBundle) -> None:
     """The recipe's patterns match layers of this model and its group sizes fit them: checked before
     any measurement, so a recipe that cannot run fails in seconds."""
+    if recipe.export is not None and recipe.export.kv_cache and bundle.kind != "decoder":
+        raise UserError(f"export.kv_cache: only decoders have a key/value cache; '{bundle.name}' is an {bundle.kind}.")
     for i, step in enumerate(recipe.steps):
         layers = select_linears(work, step.config.targets, step.config.ignore)
         group = getattr(step.config, "group_size", None)
         quantizes = getattr(step.config, "bits", 0) is not None  # sparsegpt without bits has no groups
         if quantizes and isinstance(group, int) and group > 0:
             check_group_fits(group, layers, f"step {i + 1} ({step.method})")
-    if recipe.export is not None and recipe.export.kv_cache and bundle.kind != "decoder":
-        raise UserError(f"export.kv_cache: only decoders have a key/value cache; '{bundle.name}' is an {bundle.kind}.")
 
 
 def _check_calibration(recipe: Recipe, bundle: ModelBundle, calib: Any) -> None:

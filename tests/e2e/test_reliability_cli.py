@@ -317,3 +317,32 @@ def test_failed_run_leaves_no_checkpoint(tmp_path, tiny_dirs, small_disk) -> Non
     done = _cli("compress", str(tiny_dirs["llama"]), "--recipe", str(recipe), "--output", str(small_disk / "out"), *FAST)
     assert done.returncode == 2, done.stderr
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+# 15. messages that name the real problem
+def test_file_as_output_says_it_is_a_file(tmp_path, tiny_dirs, capsys) -> None:
+    target = tmp_path / "empty"
+    target.write_text("")
+    assert main(["compress", str(tiny_dirs["llama"]), "--recipe", str(_recipe(tmp_path)), "--output", str(target),
+                 *FAST]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and target.read_text() == ""
+
+
+def test_invalid_config_json_is_reported_as_such(tmp_path, tiny_dirs, capsys) -> None:
+    folder = _copy(tiny_dirs["llama"], tmp_path / "model")
+    (folder / "config.json").write_text('{"model_type": "llama",')
+    assert main(["evaluate", str(folder), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "config.json' is not valid JSON" in err and "tokenizer" not in err
+
+
+def test_regular_file_as_model_is_called_a_file(tmp_path, tiny_dirs, capsys) -> None:
+    assert main(["evaluate", str(tiny_dirs["llama"] / "model.safetensors"), *FAST]) == 2
+    assert "is a file; expected a Hugging Face model folder" in capsys.readouterr().err
+
+
+def test_pickled_weights_are_never_loaded(tmp_path, tiny_dirs, capsys) -> None:
+    folder = _copy(tiny_dirs["llama"], tmp_path / "model")
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    assert main(["evaluate", str(folder), *FAST]) == 2
+    assert "pickle files, which slimformer never loads" in capsys.readouterr().err
