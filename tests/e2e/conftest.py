@@ -34,3 +34,16 @@ def tiny_dirs(tmp_path_factory, smollm_bundle, minilm_bundle) -> dict[str, Path]
         "gpt2": _save(gpt2, smollm_bundle.tokenizer, root / "gpt2"),
         "bert": _save(bert, minilm_bundle.tokenizer, root / "bert"),
     }
+
+
+@pytest.fixture
+def artifact(tmp_path, tiny_dirs) -> Path:
+    """A slimformer artifact of the tiny Llama (float weights), written with its tokenizer."""
+    from slimformer.export.artifact import save_artifact
+
+    folder = tmp_path / "art"
+    folder.mkdir()
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_dirs["llama"])
+    save_artifact(model, folder, kind="decoder", tokenizer=tokenizer)
+    return folder

@@ -5,21 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-import transformers
 
 from slimformer.cli import main
-from slimformer.export.artifact import WEIGHTS, save_artifact
-
-
-@pytest.fixture
-def artifact(tmp_path, tiny_dirs) -> Path:
-    folder = tmp_path / "art"
-    folder.mkdir()
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_dirs["llama"])
-    save_artifact(model, folder, kind="decoder", tokenizer=tokenizer)
-    return folder
+from slimformer.export.artifact import WEIGHTS
 
 
 def _evaluate(folder: Path) -> int:

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 
 from slimformer.cli import main
-from slimformer.export.artifact import MANIFEST_DIGEST, manifest_digest, save_artifact
+from slimformer.export.artifact import MANIFEST_DIGEST, manifest_digest
 from slimformer.outputs import OutputLock
 
 RTN = "steps:\n  - method: rtn\n    bits: 4\n    group_size: 32\n"
@@ -51,16 +50,6 @@ def _copy(src: Path, dst: Path) -> Path:
 def _refused(done: subprocess.CompletedProcess, message: str) -> None:
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
-
-
-@pytest.fixture
-def artifact(tmp_path, tiny_dirs) -> Path:
-    folder = tmp_path / "art"
-    folder.mkdir()
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_dirs["llama"])
-    save_artifact(model, folder, kind="decoder", tokenizer=tokenizer)
-    return folder
 
 
 def _reseal(folder: Path) -> None:
