@@ -14,7 +14,7 @@ import torch
 from slimformer.data.sources import load_data
 from slimformer.data.windows import lm_windows
 from slimformer.errors import UserError
-from slimformer.evaluate.llamacpp import GgufModel, bench_gguf, check_gguf, import_llama_cpp
+from slimformer.evaluate.llamacpp import GgufModel, bench_gguf, check_gguf, evaluate_gguf, gguf_params, import_llama_cpp
 from slimformer.evaluate.perplexity import perplexity
 
 
@@ -102,6 +102,24 @@ def test_bench_result_shape(gguf_path):
     assert "llama.cpp" in compare_table({"settings": asdict(s), "results": [r]})
     with pytest.raises(UserError, match="batch 1 only"):
         bench_gguf(gguf_path, BenchSettings(batch=2))
+
+
+@pytest.mark.llamacpp
+def test_evaluate_gguf(gguf_path, smollm_bundle):
+    pytest.importorskip("llama_cpp")
+    from slimformer.evaluate.measure import EvalSettings
+    from slimformer.evaluate.size import count_params
+
+    fields = EvalSettings.__dataclass_fields__
+    short = {"decode_context": 32} if "decode_context" in fields else {}  # the version that measures decode
+    s = EvalSettings(max_windows=1, seq_len=64, latency_seq=16, latency_runs=2, threads=2, progress=False, **short)
+    out = evaluate_gguf(gguf_path, s)
+    m = out["metrics"]
+    assert out["eval_data"] == "lee-news" and out["runtime"] == "llama.cpp"
+    assert m["windows"] == 1 and m["tokens"] == 63 and 1 < m["ppl"] < 1000
+    assert m["latency_threads"] == 2 and m["latency_seq"] == 16 and m["size_bytes"] == gguf_path.stat().st_size
+    assert m["params"] == gguf_params(gguf_path) == count_params(smollm_bundle.model)["params"]
+    assert ("decode_ms" in m) == bool(short)
 
 
 @pytest.mark.llamacpp

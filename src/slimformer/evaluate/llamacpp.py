@@ -48,7 +48,8 @@ def import_llama_cpp() -> Any:
     try:
         import llama_cpp
     except ModuleNotFoundError as exc:
-        raise UserError(f"llama.cpp runtime: the `llama_cpp` package is not installed ({exc}); {INSTALL_HINT}.") from None
+        raise UserError(f"llama.cpp runtime: the `llama_cpp` package is not installed ({exc}); "
+                        f"{INSTALL_HINT}.") from None
     except (ImportError, OSError, RuntimeError) as exc:  # installed, but its shared library does not load
         raise UserError(f"llama.cpp runtime: `llama_cpp` is installed but cannot be imported "
                         f"({type(exc).__name__}: {str(exc)[:200]}); {INSTALL_HINT} again.") from None
@@ -216,6 +217,11 @@ def evaluate_gguf(path: str | Path, settings: Any) -> dict[str, Any]:
             metrics.update({"latency_ms": f["median_ms"], "latency_min_ms": f["min_ms"], "latency_max_ms": f["max_ms"],
                             "latency_batch": 1, "latency_seq": settings.latency_seq, "latency_threads": model.threads,
                             "latency_runs": settings.latency_runs})
+            context = getattr(settings, "decode_context", 0)  # EvalSettings from the version that measures decode
+            if context:
+                d = model.time_decoding(context, runs=16)["decode"]
+                metrics.update({"decode_ms": d["median_ms"], "decode_min_ms": d["min_ms"], "decode_max_ms": d["max_ms"],
+                                "decode_context": context, "decode_runs": d["runs"]})
         metrics["size_bytes"] = model.size_bytes
     metrics["eval_wall_s"] = round(time.perf_counter() - start, 2)
     metrics["peak_rss_bytes"] = peak_rss_bytes()
