@@ -47,6 +47,51 @@ def test_quantized_round_trip(tmp_path, bits: int, group_size: int, symmetric: b
     assert quant_bytes < dense_bytes
 
 
+
+@pytest.mark.parametrize("bits, group_size, rules", [
+    (4, 16, {"symmetric": True, "scale_rule": "signed_max"}), (5, -1, {"symmetric": True, "scale_rule": "signed_max"}),
+    (4, 16, {"zero_point": "float"}), (5, 0, {"zero_point": "float"}),
+])
+def test_llama_cpp_rules_round_trip_bit_exactly(tmp_path, bits: int, group_size: int, rules: dict) -> None:
+    model = _tiny()
+    rtn(model, RTNConfig(bits=bits, group_size=group_size, **rules))
+    save_artifact(model, tmp_path, kind="decoder")
+    loaded = load(tmp_path)
+    assert torch.equal(_logits(loaded), _logits(model))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    name = "model.layers.0.mlp.up_proj"
+    spec, tensors = manifest["modules"][name], manifest["tensors"]
+    ours, theirs = model.get_submodule(name), loaded.get_submodule(name)
+    for leaf in ("codes", "scale", "zero"):
+        assert torch.equal(getattr(theirs, leaf).view(torch.int16), getattr(ours, leaf).view(torch.int16))
+    # still version 1: an older reader refuses `minimum` (an unexpected tensor) and reads signed_max right
+    assert manifest["format_version"] == 1
+    if "scale_rule" in rules:
+        assert spec["scale_rule"] == "signed_max" and "zero_point" not in spec and theirs.minimum is None
+        assert tensors[name + ".codes"]["offset"] == 2 ** (bits - 1)
+    else:
+        assert spec["zero_point"] == "float" and "scale_rule" not in spec
+        assert tensors[name + ".minimum"]["dtype"] == "float16"
+        assert torch.equal(theirs.minimum.view(torch.int16), ours.minimum.view(torch.int16))
+
+
+@pytest.mark.parametrize("rules, encoding", [({"symmetric": True, "scale_rule": "signed_max"}, "packed_bitmask"),
+                                             ({"zero_point": "float"}, "packed")])
+def test_pruned_then_llama_cpp_rules(tmp_path, rules: dict, encoding: str) -> None:
+    """signed_max maps a pruned weight to code 0 = exactly 0 (the bitmask applies); a float minimum
+    has no code for 0 (a pruned weight becomes d * round(-m / d) + m), so its codes are stored packed."""
+    model = _tiny()
+    magnitude(model, MagnitudeConfig(sparsity=0.5))
+    rtn(model, RTNConfig(bits=4, group_size=8, **rules))
+    w = model.model.layers[0].mlp.gate_proj.dequantized_weight()
+    zeros = int((w == 0).sum())
+    assert zeros >= w.numel() // 2 if encoding == "packed_bitmask" else zeros < w.numel() // 4
+    save_artifact(model, tmp_path, kind="decoder")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["tensors"]["model.layers.0.mlp.gate_proj.codes"]["encoding"] == encoding
+    assert torch.equal(_logits(load(tmp_path)), _logits(model))
+
+
 def test_sparse_round_trip_uses_bitmask(tmp_path) -> None:
     model = _tiny(tied=False)
     magnitude(model, MagnitudeConfig(sparsity=0.5))

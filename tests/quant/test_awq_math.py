@@ -96,3 +96,19 @@ def test_clip_search_lowers_group_errors(group_size: int) -> None:
     else:
         assert output_error(clipped - w, h) < output_error(plain - w, h)
     assert clip_search(w, h, 3, 0, symmetric=False) is None
+
+
+@pytest.mark.parametrize("symmetric, rules", [(True, {"scale_rule": "signed_max"}), (False, {"zero_point": "float"})])
+def test_awq_search_and_clip_with_llama_cpp_rules(symmetric: bool, rules: dict) -> None:
+    w, x = _outlier_inputs()
+    h = x.T @ x
+    s, alpha, ratio, _ = awq_search(w, h, x.abs().mean(0), 3, 32, symmetric, **rules)
+    assert alpha > 0 and ratio < 0.8
+    err = lambda w_hat: output_error(w_hat - w, h)  # noqa: E731
+    w_awq = fake_quantize(w * s, 3, 32, symmetric, **rules)[0] / s
+    assert err(w_awq) < 0.8 * err(fake_quantize(w, 3, 32, symmetric, **rules)[0])
+    clip = clip_search(w * s, h / (s[:, None] * s[None, :]), 3, 32, symmetric, **rules)
+    assert bool((clip < 1).any()) and bool((clip >= 0.5).all())
+    qp = compute_qparams(w * s, 3, 32, symmetric, clip=clip, **rules)
+    assert qp.rule == ("signed_max" if symmetric else "float")
+    assert err(dequantize(quantize(w * s, qp), qp) / s) <= err(w_awq)

@@ -43,3 +43,24 @@ def test_awq_w4_g128_beats_rtn_and_round_trips(smollm_bundle, smollm_windows, tm
     rtn(baseline, RTNConfig(bits=4, group_size=128))
     ppl_rtn = perplexity(baseline, smollm_windows, progress=False)["ppl"]
     assert ppl_awq < 0.97 * ppl_rtn
+
+
+@pytest.mark.parametrize("rules", [{"symmetric": True, "scale_rule": "signed_max"}, {"zero_point": "float"}],
+                         ids=["signed_max", "float"])
+def test_awq_with_llama_cpp_rules_round_trips(smollm_bundle, tmp_path, rules: dict) -> None:
+    """Two layers of block 0 on 2 windows of 128 tokens: the rule reaches the layers (input scale and
+    float minimum together included) and the artifact reloads them bit for bit."""
+    ctx = StepContext(tokenizer=smollm_bundle.tokenizer, calib=load_data("lee-news", "calib"), progress=False)
+    targets = ("model.layers.0.self_attn.o_proj", "model.layers.0.mlp.up_proj")
+    model = copy.deepcopy(smollm_bundle.model)
+    config = AWQConfig(bits=4, group_size=64, num_samples=2, seq_len=128, grid=4, targets=targets, **rules)
+    info = awq(model, config, ctx)
+    assert info["layers"] == 2 and info["mean_error_vs_rtn"] <= 1.0
+    layer = model.get_submodule(targets[1])
+    assert layer.input_scale is not None and (layer.minimum is not None) == ("zero_point" in rules)
+    assert layer.scale_rule == config.scale_rule and layer.zero_point == config.zero_point
+    save_artifact(model, tmp_path, kind="decoder")
+    reloaded, _ = load_artifact(tmp_path)
+    x = torch.arange(100, 164).unsqueeze(0)
+    with torch.inference_mode():
+        assert torch.equal(model(x).logits, reloaded(x).logits)

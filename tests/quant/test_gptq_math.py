@@ -47,3 +47,57 @@ def test_dead_inputs_and_smaller_last_group() -> None:
     assert qp.scale.shape == (8, 3)
     assert bool(torch.isfinite(dequantize(codes, qp)).all())
     assert bool((codes[:, 5] == 0).all())  # dead input column: weight zeroed, code 0 (symmetric)
+
+
+@pytest.mark.parametrize("symmetric, rules", [(True, {"scale_rule": "signed_max"}), (False, {"zero_point": "float"})])
+def test_gptq_beats_rtn_with_llama_cpp_rules(symmetric: bool, rules: dict) -> None:
+    w, x = _layer_and_inputs()
+    h, _ = accumulate_hessian(None, x, 0)
+    codes, qp = gptq_quantize(w, h, 3, 32, symmetric, **rules)
+    assert qp.scale_rule == rules.get("scale_rule", "absmax") and qp.zero_point == rules.get("zero_point", "int")
+    assert (qp.minimum is not None) == (not symmetric)
+    assert int(codes.min()) >= qrange(3, symmetric)[0] and int(codes.max()) <= qrange(3, symmetric)[1]
+    err_gptq = (x @ (w - dequantize(codes, qp)).T).pow(2).mean()
+    err_rtn = (x @ (w - fake_quantize(w, 3, 32, symmetric, **rules)[0]).T).pow(2).mean()
+    assert err_gptq < 0.75 * err_rtn
+
+
+@pytest.fixture(scope="module")
+def smollm_q_proj(smollm_bundle) -> tuple[torch.Tensor, torch.Tensor]:
+    """SmolLM2 block 0's q_proj weight and its real inputs on 6 calibration windows of 256 tokens
+    (tokens, 576): only the embedding and block 0 run."""
+    from slimformer.calibrate import capture_first_block_inputs, observe_linears
+    from slimformer.data.sources import load_data
+    from slimformer.data.windows import calibration_windows
+    from slimformer.models.layout import find_blocks
+
+    windows = calibration_windows(smollm_bundle.tokenizer, load_data("lee-news", "calib"), 6, 256)
+    inputs = capture_first_block_inputs(smollm_bundle.model, windows, batch_size=6)
+    block = find_blocks(smollm_bundle.model)[1][0]
+    seen: dict[str, torch.Tensor] = {}
+    observe_linears(block, {"q": block.self_attn.q_proj}, inputs, lambda name, x: seen.setdefault(name, x.clone()))
+    return block.self_attn.q_proj.weight.detach().float(), seen["q"]
+
+
+@pytest.mark.parametrize("symmetric, rules, group_size", [
+    (True, {"scale_rule": "signed_max"}, 32), (True, {"scale_rule": "signed_max"}, 128),
+    (False, {"zero_point": "float"}, 128), (False, {"zero_point": "float"}, 64),
+])
+def test_gptq_beats_rtn_on_real_activations(smollm_q_proj, symmetric: bool, rules: dict, group_size: int) -> None:
+    """Fitted on 4 windows, scored on 2 held-out ones: GPTQ's output error under each llama.cpp rule
+    is well below RTN's under the same rule (measured 0.39-0.43x)."""
+    w, x = smollm_q_proj
+    fit, held_out = x[: 4 * 256], x[4 * 256 :]
+    codes, qp = gptq_quantize(w, accumulate_hessian(None, fit, 0)[0], 4, group_size, symmetric, **rules)
+    err_gptq = (held_out @ (w - dequantize(codes, qp)).T).pow(2).mean()
+    err_rtn = (held_out @ (w - fake_quantize(w, 4, group_size, symmetric, **rules)[0]).T).pow(2).mean()
+    assert err_gptq < 0.6 * err_rtn
+
+
+def test_smollm_weights_sit_on_a_float_minimum_g32_grid(smollm_q_proj) -> None:
+    """SmolLM2's packaged weights were dequantized from Q4_1: RTN with zero_point float at 4 bits,
+    g32 gives them back bit for bit (so GPTQ cannot improve on it there, and g32 float results on
+    this model say nothing about other models); the integer zero point does not."""
+    w, _ = smollm_q_proj
+    assert torch.equal(fake_quantize(w, 4, 32, False, zero_point="float")[0], w)
+    assert not torch.equal(fake_quantize(w, 4, 32, False)[0], w)

@@ -43,3 +43,30 @@ def test_rtn4_g128_worse_than_8bit_but_finite(smollm, smollm_windows, smollm_fp3
     assert math.isfinite(ppl)
     assert ppl > rtn8_ppl * 1.02
     assert ppl < smollm_fp32_ppl * 3
+
+
+def test_rtn4_g32_signed_max_beats_absmax(smollm_bundle, smollm_windows) -> None:
+    """llama.cpp's Q4_0 rule (d = signed max / -8) uses all 16 codes where absmax / 7 uses 15."""
+    import copy
+
+    from slimformer.models.loading import ModelBundle
+
+    ppl = {}
+    for rule in ("absmax", "signed_max"):
+        bundle = ModelBundle(copy.deepcopy(smollm_bundle.model), None, "decoder", "smollm")
+        ppl[rule] = _ppl_after(bundle, smollm_windows, bits=4, group_size=32, symmetric=True, scale_rule=rule)
+    assert ppl["signed_max"] < 0.97 * ppl["absmax"], ppl
+
+
+def test_rtn4_g32_float_minimum_gives_back_smollm_weights(smollm) -> None:
+    """SmolLM2's packaged weights were dequantized from Q4_1, so llama.cpp's Q4_1 rule at g32 finds
+    their grid again: every quantized layer computes with exactly the original weight (its
+    perplexity is fp32's), which the integer zero point does not."""
+    import torch
+
+    from slimformer.models.layout import select_linears, weight_view
+
+    originals = {name: weight_view(m).detach().clone() for name, m in select_linears(smollm.model, (), ()).items()}
+    rtn(smollm.model, RTNConfig(bits=4, group_size=32, zero_point="float"))
+    assert len(originals) == 210
+    assert all(torch.equal(smollm.model.get_submodule(n).dequantized_weight(), w) for n, w in originals.items())

@@ -5,7 +5,12 @@ Encodings, chosen per tensor, whichever is smallest:
 - `bitmask`: a packed keep-mask (1 bit per weight) + the kept values, for sparse float weights.
 - `packed`: integer codes (of a QuantLinear or another MODULE_CLASSES entry) stored `bits` bits
   each (two 4-bit codes per byte).
-- `packed_bitmask`: for pruned-then-quantized layers, a keep-mask + the kept codes, packed.
+- `packed_bitmask`: for pruned-then-quantized layers, a keep-mask + the kept codes, packed (not for
+  a QuantLinear with a float `minimum`, whose zeros have no code of their own: always `packed`).
+A QuantLinear's `minimum` (llama.cpp's float minimum, fp16) is stored as a float tensor like its
+`scale` (negative under signed_max), bit for bit. Format version 1 still: a slimformer older than
+these rules refuses an artifact holding a `minimum` (an unexpected tensor) and reads a signed_max
+one correctly (its dequantization is the symmetric codes * scale).
 Loading reads only safetensors and JSON: nothing is ever unpickled.
 """
 
@@ -102,9 +107,10 @@ def _encode_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 def _put_packed(tensors: dict, key: str, t: torch.Tensor, bits: int, offset: int, m: nn.Module) -> dict[str, Any]:
     meta = {"bits": bits, "offset": offset, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-    if isinstance(m, QuantLinear) and key.endswith(".codes"):
+    if isinstance(m, QuantLinear) and key.endswith(".codes") and getattr(m, "minimum", None) is None:
         # a pruned weight's code is its group's zero point: when enough are pruned, a bitmask plus
-        # the kept codes is smaller than every code
+        # the kept codes is smaller than every code. Not for a float minimum (zero_point "float"):
+        # there 0 has no code of its own (a pruned weight becomes round(-m / d), w ~ d * code + m)
         keep = t != expand_groups(m.zero, m.in_features, m.group_size)
         nnz = int(keep.sum())
         if (t.numel() + 7) // 8 + (nnz * bits + 7) // 8 < (t.numel() * bits + 7) // 8:

@@ -12,6 +12,7 @@ while tracing runs `forward` (the same numbers in float):
 - 4-bit weight-only with groups of 16, 32, 64, ... (RTN/GPTQ/AWQ): onnxruntime's `MatMulNBits`
   (com.microsoft) holding our codes two per byte with our fp16 scales and zero points, a smaller
   last group included (576 = 4 x 128 + 64); AWQ's input scale becomes a multiply before it;
+  llama.cpp's signed_max scales (negative d) too, but not its float minimum (see `nbits_ready`);
 - anything else (weight-only codes, codebooks, simulated activation bits): a plain Linear with the
   exact dequantized weight, which computes the same values in fp32.
 """
@@ -139,10 +140,14 @@ class OnnxInt4Linear(nn.Module):
 
 
 def nbits_ready(layer: nn.Module) -> bool:
-    """True when MatMulNBits can hold the layer: 4-bit codes in groups of a power of two >= 16."""
+    """True when MatMulNBits can hold the layer: 4-bit codes in groups of a power of two >= 16,
+    with integer zero points (signed_max's negative scales included). A float minimum
+    (zero_point "float", w = d * code + m) is not: MatMulNBits computes (code - zp) * d, and a
+    float zp = -m / d reproduces d * code + m only up to rounding, so such a layer is written as
+    its exact dequantized weight (fp32, as other non-native layers)."""
     g = getattr(layer, "group_size", 0)
     return (isinstance(layer, QuantLinear) and layer.bits == 4 and g >= 16 and g & (g - 1) == 0
-            and not layer.dynamic and not layer.act_bits)
+            and not layer.dynamic and not layer.act_bits and getattr(layer, "minimum", None) is None)
 
 
 class OnnxDynamicLinear(nn.Module):

@@ -16,20 +16,24 @@ from slimformer.models.layout import select_linears, weight_view
 from slimformer.quant.awq_math import awq_search, clip_search, output_error
 from slimformer.quant.gptq import HessianCollector, calibration_inputs
 from slimformer.quant.qlinear import QuantLinear
-from slimformer.quant.qscheme import check_scheme, compute_qparams, dequantize, fake_quantize, quantize
+from slimformer.quant.qscheme import (
+    ScaleRule, ZeroPoint, check_scheme, compute_qparams, dequantize, fake_quantize, quantize, rule_info,
+)
 from slimformer.registry import register
 
 
 @dataclass(frozen=True)
 class AWQConfig(TargetedConfig):
-    """bits/group_size/symmetric as in `rtn`. grid: alpha values tried in [0, 1] (grid + 1 of them).
-    duo: also try scales divided by the weight's per-channel magnitude (see awq_math).
+    """bits/group_size/symmetric/scale_rule/zero_point as in `rtn`. grid: alpha values tried in
+    [0, 1] (grid + 1 of them). duo: also try scales divided by the weight's per-channel magnitude (see awq_math).
     clip: then shrink each group's range where that lowers the output error (AWQ's auto_clip).
     num_samples/seq_len: calibration windows (DESIGN default: 64 x 512)."""
 
     bits: int = 4
     group_size: int = 128
     symmetric: bool = False
+    scale_rule: ScaleRule = "absmax"
+    zero_point: ZeroPoint = "int"
     grid: int = 20
     duo: bool = True
     clip: bool = True
@@ -37,7 +41,8 @@ class AWQConfig(TargetedConfig):
     seq_len: int = 512
 
     def __post_init__(self) -> None:
-        check_scheme(self.bits, self.group_size, "awq")
+        check_scheme(self.bits, self.group_size, "awq", symmetric=self.symmetric, scale_rule=self.scale_rule,
+                     zero_point=self.zero_point)
         check_positive("awq", self, "grid", "num_samples", "seq_len")
 
 
@@ -83,8 +88,8 @@ def awq(model: nn.Module, config: AWQConfig, ctx: StepContext | None = None) -> 
         for name, layer in layers.items():
             w = weight_view(layer).float()
             h = stats.get(name)
-            s, alpha, ratio, duo = awq_search(w, h, stats.mean_abs(name), config.bits,
-                                              config.group_size, config.symmetric, config.grid, config.duo)
+            s, alpha, ratio, duo = awq_search(w, h, stats.mean_abs(name), config.bits, config.group_size,
+                                              config.symmetric, config.grid, config.duo, **_rules(config))
             duos += duo
             codes, qp, ratio = _round(w, h, s, ratio, config)
             q = QuantLinear.from_codes(codes, qp, getattr(layer, "bias", None), input_scaled=True)
@@ -99,7 +104,7 @@ def awq(model: nn.Module, config: AWQConfig, ctx: StepContext | None = None) -> 
     ratios = [r for i in infos for r in i.get("ratios", [])]
     n = max(1, len(alphas))
     return {"layers": sum(i.get("layers", 0) for i in infos), "calib_windows": int(windows.shape[0]),
-            "bits": config.bits, "group_size": config.group_size, "symmetric": config.symmetric,
+            "bits": config.bits, "group_size": config.group_size, "symmetric": config.symmetric, **rule_info(config),
             "mean_alpha": round(sum(alphas) / n, 3), "mean_error_vs_rtn": round(sum(ratios) / n, 3),
             "duo_layers": sum(i.get("duo", 0) for i in infos)}
 
@@ -110,12 +115,18 @@ def _round(w: torch.Tensor, h: torch.Tensor, s: torch.Tensor, ratio: float, conf
     ws = w * s
     clip = None
     if config.clip:  # w*s sees inputs x/s, whose second moment is h / (s s^T)
-        clip = clip_search(ws, h / (s[:, None] * s[None, :]), config.bits, config.group_size, config.symmetric)
-    qp = compute_qparams(ws, config.bits, config.group_size, config.symmetric, clip=clip)
+        clip = clip_search(ws, h / (s[:, None] * s[None, :]), config.bits, config.group_size, config.symmetric,
+                           **_rules(config))
+    qp = compute_qparams(ws, config.bits, config.group_size, config.symmetric, clip=clip, **_rules(config))
     codes = quantize(ws, qp)
     if clip is not None and ratio > 0:
-        before = output_error(fake_quantize(ws, config.bits, config.group_size, config.symmetric)[0] / s - w, h).item()
+        plain = fake_quantize(ws, config.bits, config.group_size, config.symmetric, **_rules(config))[0]
+        before = output_error(plain / s - w, h).item()
         after = output_error(dequantize(codes, qp) / s - w, h).item()
         ratio = ratio * after / before if before > 0 else ratio
     return codes, qp, ratio
+
+
+def _rules(config: AWQConfig) -> dict[str, str]:
+    return {"scale_rule": config.scale_rule, "zero_point": config.zero_point}
 

@@ -47,13 +47,14 @@ def output_error(dw: Tensor, h: Tensor) -> Tensor:
 
 def awq_search(
     w: Tensor, h: Tensor, act_mean: Tensor, bits: int, group_size: int, symmetric: bool, grid: int = 20,
-    duo: bool = True,
+    duo: bool = True, *, scale_rule: str = "absmax", zero_point: str = "int",
 ) -> tuple[Tensor, float, float, bool]:
     """Best per-channel scales for w (out, in) given the input second moment h = X^T X (in, in).
 
     Scoring with h instead of the raw calibration rows makes each candidate cost out*in^2 flops
     however many tokens were seen. Returns (scales (in,), best alpha, error ratio best / RTN, whether
     the duo form won); alpha=0 of the plain family is RTN itself, so the ratio is never above 1.
+    scale_rule / zero_point: the `qscheme` parametrization every candidate is rounded with.
     """
     w, h = w.float(), h.float()
     families: list[Tensor | None] = [None] + ([weight_mean(w, group_size)] if duo else [])  # None: plain
@@ -69,7 +70,8 @@ def awq_search(
             if w_mean is not None:
                 s = s / w_mean.clamp(min=1e-5).pow(1.0 - alpha)
                 s = s / (s.max() * s.min()).sqrt()
-            w_hat = fake_quantize(w * s, bits, group_size, symmetric)[0] / s
+            w_hat = fake_quantize(w * s, bits, group_size, symmetric, scale_rule=scale_rule,
+                                  zero_point=zero_point)[0] / s
             err = output_error(w_hat - w, h).item()
             if not is_duo and i == 0:
                 base_err = err
@@ -90,14 +92,16 @@ def diagonal_blocks(h: Tensor, group_size: int) -> Tensor:
 
 
 def clip_search(
-    w: Tensor, h: Tensor, bits: int, group_size: int, symmetric: bool, grid: int = 20, max_shrink: float = 0.5
+    w: Tensor, h: Tensor, bits: int, group_size: int, symmetric: bool, grid: int = 20, max_shrink: float = 0.5, *,
+    scale_rule: str = "absmax", zero_point: str = "int",
 ) -> Tensor | None:
     """Per-group range factors (the scale's shape: (out, n_groups)) in [1 - max_shrink, 1].
 
     Each (row, group) keeps the factor whose rounding error costs least output energy
     d_g H_gg d_g^T, H_gg being the group's diagonal block of the input second moment (cross-group
     terms ignored, as in AWQ's auto_clip). Factor 1 (plain min/max) is a candidate, so no group
-    gets worse by that measure. None for per-tensor quantization.
+    gets worse by that measure. None for per-tensor quantization. The factor multiplies the
+    group's min and max (affine, float minimum) or its signed max (signed_max), as `compute_qparams`.
     """
     if group_size == 0:
         return None
@@ -110,7 +114,7 @@ def clip_search(
     best_err = torch.full((out_f, n_groups), math.inf)
     for k in range(int(grid * max_shrink) + 1):
         ratio = 1.0 - k / grid
-        qp = compute_qparams(w, bits, group_size, symmetric, clip=ratio)
+        qp = compute_qparams(w, bits, group_size, symmetric, clip=ratio, scale_rule=scale_rule, zero_point=zero_point)
         d = F.pad(dequantize(quantize(w, qp), qp) - w, (0, pad)).view(out_f, n_groups, gs)
         err = torch.einsum("ogi,gij,ogj->og", d, blocks, d)  # (out, G)
         better = err < best_err

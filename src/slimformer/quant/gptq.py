@@ -16,19 +16,21 @@ from slimformer.errors import UserError
 from slimformer.models.layout import select_linears, weight_view
 from slimformer.quant.gptq_math import accumulate_hessian, gptq_quantize
 from slimformer.quant.qlinear import QuantLinear
-from slimformer.quant.qscheme import check_scheme
+from slimformer.quant.qscheme import ScaleRule, ZeroPoint, check_scheme, rule_info
 from slimformer.registry import register
 
 
 @dataclass(frozen=True)
 class GPTQConfig(TargetedConfig):
-    """bits/group_size/symmetric as in `rtn`. damp: fraction of the mean Hessian diagonal added
-    for stability. act_order: quantize columns by decreasing activation energy. num_samples and
+    """bits/group_size/symmetric/scale_rule/zero_point as in `rtn`. damp: fraction of the mean
+    Hessian diagonal added for stability. act_order: quantize columns by decreasing activation energy. num_samples and
     seq_len: calibration windows (DESIGN default: 64 x 512)."""
 
     bits: int = 4
     group_size: int = 128
     symmetric: bool = False
+    scale_rule: ScaleRule = "absmax"
+    zero_point: ZeroPoint = "int"
     damp: float = 0.01
     act_order: bool = False
     block_size: int = 128
@@ -37,7 +39,8 @@ class GPTQConfig(TargetedConfig):
     seq_len: int = 512
 
     def __post_init__(self) -> None:
-        check_scheme(self.bits, self.group_size, "gptq")
+        check_scheme(self.bits, self.group_size, "gptq", symmetric=self.symmetric, scale_rule=self.scale_rule,
+                     zero_point=self.zero_point)
         if not 0 < self.damp < 1:
             raise UserError(f"gptq: damp must be in (0, 1), got {self.damp}.")
         if self.sink_weight < 1:
@@ -97,10 +100,11 @@ def gptq(model: nn.Module, config: GPTQConfig, ctx: StepContext | None = None) -
             codes, qp = gptq_quantize(
                 weight_view(layer).float(), hessians.get(name), config.bits, config.group_size, config.symmetric,
                 damp=config.damp, block_size=config.block_size, act_order=config.act_order,
+                scale_rule=config.scale_rule, zero_point=config.zero_point,
             )
             model.set_submodule(name, QuantLinear.from_codes(codes, qp, getattr(layer, "bias", None)))
         return {"block": index, "layers": len(layers)}
 
     infos = run_on_targets(model, selected, windows, process, ctx)
     return {"layers": sum(i.get("layers", 0) for i in infos), "calib_windows": int(windows.shape[0]),
-            "bits": config.bits, "group_size": config.group_size, "symmetric": config.symmetric}
+            "bits": config.bits, "group_size": config.group_size, "symmetric": config.symmetric, **rule_info(config)}

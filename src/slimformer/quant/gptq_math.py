@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from slimformer.quant.qscheme import QParams, check_scheme, compute_qparams, n_groups, qrange
+from slimformer.quant.qscheme import QParams, check_scheme, compute_qparams, decode, encode, n_groups, rule_of
 
 
 def accumulate_hessian(
@@ -46,26 +46,30 @@ def inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:
 
 def gptq_quantize(
     w: Tensor, h: Tensor, bits: int, group_size: int, symmetric: bool, *, damp: float = 0.01,
-    block_size: int = 128, act_order: bool = False,
+    block_size: int = 128, act_order: bool = False, scale_rule: str = "absmax", zero_point: str = "int",
 ) -> tuple[Tensor, QParams]:
     """Quantize w (out, in) against Hessian h (in, in); return (int16 codes (out, in), qparams).
 
     Groups are contiguous along the input dimension (a smaller last group when group_size does
     not divide it). Without act_order, each group's scale is set from the error-updated weights
     when GPTQ reaches it; with act_order, columns go in decreasing Hessian-diagonal order and
-    group scales come from the original weights, so groups stay contiguous on disk.
+    group scales come from the original weights, so groups stay contiguous on disk. scale_rule /
+    zero_point: any `qscheme` parametrization (llama.cpp's signed_max and float minimum included);
+    each column is encoded and decoded with `qscheme.encode` / `decode`.
     """
-    check_scheme(bits, group_size)
+    rules = {"scale_rule": scale_rule, "zero_point": zero_point}
+    check_scheme(bits, group_size, symmetric=symmetric, **rules)
+    rule = rule_of(scale_rule, zero_point)
     out_f, in_f = w.shape
     w = w.detach().float().clone()
     dead = torch.diag(h) == 0
     w[:, dead] = 0.0
-    qmin, qmax = qrange(bits, symmetric)
     ng = n_groups(in_f, group_size)
     static = group_size <= 0 or act_order
-    qp = compute_qparams(w.float(), bits, group_size, symmetric)  # static params (used unless refreshed)
-    scale = qp.scale.float().expand(out_f, ng).clone()
-    zero = qp.zero.float().expand(out_f, ng).clone()
+    qp = compute_qparams(w.float(), bits, group_size, symmetric, **rules)  # static params (used unless refreshed)
+    # per group, transposed to (n_groups, out): encoder pair (codes), decoder pair (weights)
+    enc_t = [t.expand(out_f, ng).t().contiguous() for t in qp.encoder()]
+    dec_t = [t.expand(out_f, ng).t().contiguous() for t in qp.decoder()]
 
     if group_size > 0:  # whole groups per block, so a group's columns are all updated when it starts
         block_size = group_size * max(1, block_size // group_size)
@@ -74,7 +78,6 @@ def gptq_quantize(
     group_of = (perm // group_size) if group_size > 0 else torch.zeros(in_f, dtype=torch.long)
     # Work on W^T (in, out) so that each column of W is a contiguous row.
     wt = w[:, perm].t().contiguous()
-    scale_t, zero_t = scale.t().contiguous(), zero.t().contiguous()  # (n_groups, out)
     codes_t = torch.zeros(in_f, out_f)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
@@ -85,17 +88,20 @@ def gptq_quantize(
             col = i1 + j
             g = int(group_of[col])
             if not static and col % group_size == 0:  # a group starts: scale it from the updated weights
-                fresh = compute_qparams(w1[j : j + group_size].t(), bits, -1, symmetric)
-                scale_t[g], zero_t[g] = fresh.scale.float()[:, 0], fresh.zero.float()[:, 0]
-            q = torch.clamp(torch.round(w1[j] / scale_t[g] + zero_t[g]), qmin, qmax)
+                fresh = compute_qparams(w1[j : j + group_size].t(), bits, -1, symmetric, **rules)
+                for dst, src in zip(enc_t + dec_t, fresh.encoder() + fresh.decoder()):
+                    dst[g] = src[:, 0]
+            q = encode(w1[j], (enc_t[0][g], enc_t[1][g]), bits, symmetric, rule)
             codes_t[col] = q
-            err = (w1[j] - (q - zero_t[g]) * scale_t[g]) / hinv1[j, j]
+            err = (w1[j] - decode(q, (dec_t[0][g], dec_t[1][g]), rule)) / hinv1[j, j]
             w1[j:] -= hinv1[j, j:].unsqueeze(1) * err.unsqueeze(0)
             err1[j] = err
         wt[i2:] -= hinv[i1:i2, i2:].t() @ err1
-    codes = codes_t.t()
-    scale, zero = scale_t.t(), zero_t.t()
-    codes = codes[:, torch.argsort(perm)].to(torch.int16)
+    codes = codes_t.t()[:, torch.argsort(perm)].to(torch.int16)
+    scale, offset = dec_t[0].t(), dec_t[1].t()  # (out, n_groups): scale, and zero or minimum
     if group_size == 0:
-        scale, zero = scale[:1], zero[:1]
-    return codes, QParams(scale.half(), zero.to(torch.int16), bits, group_size, symmetric)
+        scale, offset = scale[:1], offset[:1]
+    if rule == "float":
+        return codes, QParams(scale.half(), torch.zeros_like(scale, dtype=torch.int16), bits, group_size, symmetric,
+                              minimum=offset.half(), zero_point=zero_point)
+    return codes, QParams(scale.half(), offset.to(torch.int16), bits, group_size, symmetric, scale_rule=scale_rule)

@@ -8,6 +8,11 @@ PyTorch's quantized engine (`quantized::linear_dynamic`, uint8 x int8, fast on x
 are quantized with one calibrated per-tensor scale/zero (`act_scale`, `act_zero`): through
 `torch._int_mm` for 8-bit symmetric weights and activations, simulated in float otherwise.
 Holding the codes, not float weights, is what lets the artifact store them packed.
+
+llama.cpp's parametrizations (`qscheme`): `scale_rule="signed_max"` keeps the same buffers (codes
+in [-2^(b-1), 2^(b-1)-1], `scale` = d, possibly negative, `zero` all 0; w = codes * scale), and
+`zero_point="float"` adds an fp16 buffer `minimum` (out, n_groups) (codes in [0, 2^b-1], `zero`
+all 0 and unused; w = scale * codes + minimum).
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from slimformer.quant.int8_kernels import (
     fake_quant_static, int8_matmul, packed_dynamic_linear, prepack_int8, quantize_per_tensor_asym, quantize_per_token,
     quantize_static,
 )
-from slimformer.quant.qscheme import QParams, compute_qparams, dequantize, quantize
+from slimformer.quant.qscheme import (
+    SCALE_RULES, ZERO_POINTS, QParams, compute_qparams, dequantize, quantize, rule_of,
+)
 
 
 class QuantLinear(nn.Module):
@@ -33,14 +40,20 @@ class QuantLinear(nn.Module):
         self, in_features: int, out_features: int, n_groups: int, *, bits: int, group_size: int,
         symmetric: bool, bias: bool, dynamic: bool = False, input_scaled: bool = False,
         act_bits: int | None = None, act_symmetric: bool = True, act_granularity: str = "token",
+        scale_rule: str = "absmax", zero_point: str = "int",
     ) -> None:
         super().__init__()
-        if dynamic and (input_scaled or act_bits or not (bits == 8 and symmetric and group_size == -1)):
-            raise ValueError("dynamic int8 execution needs 8-bit symmetric per-channel weights, unscaled inputs")
+        if (scale_rule not in SCALE_RULES or zero_point not in ZERO_POINTS
+                or (scale_rule != "absmax" and not symmetric) or (zero_point != "int" and symmetric)):
+            raise ValueError(f"scale_rule {scale_rule!r} / zero_point {zero_point!r} do not fit symmetric={symmetric}")
+        if dynamic and (input_scaled or act_bits or rule_of(scale_rule, zero_point) != "affine"
+                        or not (bits == 8 and symmetric and group_size == -1)):
+            raise ValueError("dynamic int8 execution needs 8-bit absmax symmetric per-channel weights, unscaled inputs")
         if act_granularity not in ("token", "tensor") or (act_granularity == "tensor" and not dynamic):
             raise ValueError(f"act_granularity must be 'token' or 'tensor' (tensor only with dynamic), got {act_granularity!r}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric, self.dynamic = bits, group_size, symmetric, dynamic
+        self.scale_rule, self.zero_point = scale_rule, zero_point
         self.act_granularity = act_granularity
         self._int8_t: torch.Tensor | None = None  # (in, out) int8 copy of the codes for _int_mm
         self._packed: tuple[tuple[int, ...], object] | None = None  # (buffer versions, quantized-engine weight)
@@ -50,6 +63,12 @@ class QuantLinear(nn.Module):
         self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.int16))
         self.register_buffer("scale", torch.ones(out_features, n_groups, dtype=torch.float16))
         self.register_buffer("zero", torch.zeros(out_features, n_groups, dtype=torch.int16))
+        # llama.cpp's Q4_1-style float minimum: w = scale * codes + minimum
+        self.minimum: torch.Tensor | None
+        if zero_point == "float":
+            self.register_buffer("minimum", torch.zeros(out_features, n_groups, dtype=torch.float16))
+        else:
+            self.minimum = None
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         # AWQ: codes quantize W * s (per input channel), so the layer computes x (dequant / s)^T
         self.input_scale: torch.Tensor | None
@@ -67,11 +86,11 @@ class QuantLinear(nn.Module):
     @torch.no_grad()
     def from_float(
         cls, module: nn.Module, *, bits: int, group_size: int, symmetric: bool, weight: torch.Tensor | None = None,
-        dynamic: bool = False, act_granularity: str = "token",
+        dynamic: bool = False, act_granularity: str = "token", scale_rule: str = "absmax", zero_point: str = "int",
     ) -> "QuantLinear":
         """Quantize a Linear/Conv1D (or an explicit (out, in) `weight`, e.g. from GPTQ) round-to-nearest."""
         w = weight_view(module) if weight is None else weight
-        qp = compute_qparams(w.float(), bits, group_size, symmetric)
+        qp = compute_qparams(w.float(), bits, group_size, symmetric, scale_rule=scale_rule, zero_point=zero_point)
         return cls.from_codes(
             quantize(w.float(), qp), qp, getattr(module, "bias", None), dynamic=dynamic, act_granularity=act_granularity
         )
@@ -88,10 +107,13 @@ class QuantLinear(nn.Module):
             in_features, out_features, qp.scale.shape[1], bits=qp.bits, group_size=qp.group_size,
             symmetric=qp.symmetric, bias=bias is not None, dynamic=dynamic, input_scaled=input_scaled,
             act_bits=act_bits, act_symmetric=act_symmetric, act_granularity=act_granularity,
+            scale_rule=qp.scale_rule, zero_point=qp.zero_point,
         )
         layer.codes.copy_(codes.to(torch.int16))
         layer.scale.copy_(qp.scale.to(torch.float16))
         layer.zero.copy_(qp.zero.to(torch.int16))
+        if layer.minimum is not None:
+            layer.minimum.copy_(qp.minimum.to(torch.float16))
         if bias is not None:
             layer.bias.data.copy_(bias.detach().float())
         return layer
@@ -108,6 +130,9 @@ class QuantLinear(nn.Module):
             # only for static activation quantization, so earlier manifests are unchanged
             **({"act_bits": self.act_bits, "act_symmetric": self.act_symmetric} if self.act_bits else {}),
             **({"act_granularity": self.act_granularity} if self.act_granularity != "token" else {}),
+            # llama.cpp's parametrizations, likewise only when used
+            **({"scale_rule": self.scale_rule} if self.scale_rule != "absmax" else {}),
+            **({"zero_point": self.zero_point} if self.zero_point != "int" else {}),
         }
 
     @classmethod
@@ -119,6 +144,7 @@ class QuantLinear(nn.Module):
             dynamic=spec.get("dynamic", False), input_scaled=spec.get("input_scaled", False),
             act_bits=spec.get("act_bits"), act_symmetric=spec.get("act_symmetric", True),
             act_granularity=spec.get("act_granularity", "token"),
+            scale_rule=spec.get("scale_rule", "absmax"), zero_point=spec.get("zero_point", "int"),
         )
 
     def packed_leaves(self) -> dict[str, tuple[int, int]]:
@@ -127,7 +153,8 @@ class QuantLinear(nn.Module):
         return {"codes": (self.bits, offset), "zero": (self.bits, offset)}
 
     def qparams(self) -> QParams:
-        return QParams(self.scale, self.zero, self.bits, self.group_size, self.symmetric)
+        return QParams(self.scale, self.zero, self.bits, self.group_size, self.symmetric, minimum=self.minimum,
+                       scale_rule=self.scale_rule, zero_point=self.zero_point)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight this layer computes with, (out, in) fp32."""
@@ -204,4 +231,6 @@ class QuantLinear(nn.Module):
             f"group_size={self.group_size}, symmetric={self.symmetric}, dynamic={self.dynamic}"
             + (f", act_granularity={self.act_granularity}" if self.dynamic else "")
             + (f", act_bits={self.act_bits}" if self.act_bits else "")
+            + (f", scale_rule={self.scale_rule}" if self.scale_rule != "absmax" else "")
+            + (f", zero_point={self.zero_point}" if self.zero_point != "int" else "")
         )
