@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--latency-batch", type=int, default=1)
         p.add_argument("--latency-seq", type=int, default=128)
         p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+        p.add_argument("--decode-context", type=int, default=512,
+                       help="decoders: time one-token decode after a prompt of this many tokens (0: skip; default 512)")
         p.add_argument("--threads", type=int, help="threads for latency (default: torch's current setting)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -89,9 +91,12 @@ def _settings(args: argparse.Namespace):  # -> EvalSettings
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
+    if args.decode_context < 0:
+        raise UserError(f"--decode-context must be 0 (skip) or a positive number of tokens, got {args.decode_context}.")
     return EvalSettings(
         data=args.eval, max_windows=args.max_windows, latency=not args.no_latency,
         latency_batch=args.latency_batch, latency_seq=args.latency_seq, threads=args.threads,
+        decode_context=args.decode_context,
         progress=not args.quiet, distribution=getattr(args, "distribution", False),
         step_metrics=not getattr(args, "no_step_metrics", False),
     )

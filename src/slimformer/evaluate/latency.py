@@ -38,3 +38,51 @@ def measure_latency(
 
 def _takes_cache(model: nn.Module) -> bool:
     return getattr(getattr(model, "config", None), "use_cache", None) is not None and hasattr(model, "generate")
+
+
+@torch.inference_mode()
+def measure_decode(model: nn.Module, vocab_size: int, *, context: int = 512, runs: int = 16, warmup: int = 3,
+                   threads: int | None = None) -> dict[str, Any]:
+    """Median/min/max milliseconds of decoding one token after a `context`-token prompt, with a
+    key/value cache: a torch causal LM (DynamicCache) or an ONNX session exported with `kv_cache`.
+    Empty for a model without a cache (an ONNX file exported without one)."""
+    if hasattr(model, "step") and not getattr(model, "has_kv_cache", False):
+        return {}
+    previous = torch.get_num_threads()
+    threads = threads or previous
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, vocab_size, (1, context), generator=gen)
+        tokens = torch.randint(0, vocab_size, (1, warmup + runs), generator=gen)
+        step = _ort_stepper(model, prompt) if hasattr(model, "step") else _torch_stepper(model, prompt)
+        times = []
+        for i in range(warmup + runs):
+            start = time.perf_counter()
+            step(tokens[:, i : i + 1])
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1e3)
+    finally:
+        torch.set_num_threads(previous)
+    return {"decode_ms": statistics.median(times), "decode_min_ms": min(times), "decode_max_ms": max(times),
+            "decode_context": context, "decode_runs": runs}
+
+
+def _torch_stepper(model: nn.Module, prompt: torch.Tensor):
+    state = {"cache": model(input_ids=prompt, use_cache=True).past_key_values}
+
+    def step(token: torch.Tensor) -> None:
+        state["cache"] = model(input_ids=token, past_key_values=state["cache"], use_cache=True).past_key_values
+
+    return step
+
+
+def _ort_stepper(model: Any, prompt: torch.Tensor):
+    _, past = model.step(prompt, torch.ones_like(prompt), model.empty_past(1))
+    state = {"past": past, "length": prompt.shape[1]}
+
+    def step(token: torch.Tensor) -> None:
+        state["length"] += 1
+        _, state["past"] = model.step(token, torch.ones(1, state["length"], dtype=torch.long), state["past"])
+
+    return step

@@ -16,7 +16,7 @@ from slimformer.data.windows import lm_windows
 from slimformer.errors import UserError
 from slimformer.evaluate.classification import probe
 from slimformer.evaluate.embedding import embed, mean_cosine
-from slimformer.evaluate.latency import measure_latency
+from slimformer.evaluate.latency import measure_decode, measure_latency
 from slimformer.evaluate.perplexity import perplexity
 from slimformer.evaluate.size import count_params
 from slimformer.models.loading import ModelBundle
@@ -37,6 +37,7 @@ class EvalSettings:
     latency_batch: int = 1
     latency_seq: int = 128
     latency_runs: int = 20
+    decode_context: int = 512  # decoders: per-token decode after a prompt this long (0: not measured)
     threads: int | None = None
     progress: bool = True
     distribution: bool = False  # compress: per-layer weight/activation stats of both models + distribution.png
@@ -102,6 +103,8 @@ def measure(bundle: ModelBundle, data: EvalData, settings: EvalSettings) -> dict
             measure_latency(model, vocab, batch=settings.latency_batch, seq=settings.latency_seq,
                             runs=settings.latency_runs, threads=settings.threads)
         )
+        if bundle.kind == "decoder" and settings.decode_context:
+            metrics.update(measure_decode(model, vocab, context=settings.decode_context, threads=settings.threads))
     metrics["eval_wall_s"] = round(time.perf_counter() - start, 2)
     metrics["peak_rss_bytes"] = peak_rss_bytes()
     return metrics

@@ -20,6 +20,7 @@ ROWS = [
     ("params", "parameters (M)", "{:.2f}", True),
     ("nonzero_params", "non-zero params (M)", "{:.2f}", True),
     ("latency_ms", "latency (ms, median)", "{:.1f}", True),
+    ("decode_ms", "decode (ms/token, median)", "{:.1f}", True),
     ("peak_rss_bytes", "peak RSS (MB)", "{:.0f}", True),
     ("eval_wall_s", "evaluation wall (s)", "{:.1f}", True),
 ]
@@ -59,6 +60,8 @@ def metrics_table(columns: dict[str, dict[str, Any]]) -> str:
         lines.append(
             f"\nlatency: batch {first['latency_batch']} × seq {first['latency_seq']}, "
             f"{first['latency_threads']} threads, median of {first['latency_runs']} runs after warm-up"
+            + (f"; decode: one token after a {first['decode_context']}-token prompt, key/value cache"
+               if "decode_ms" in first else "")
         )
     return "\n".join(lines)
 
