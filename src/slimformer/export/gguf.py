@@ -1,0 +1,336 @@
+"""GGUF export (llama.cpp's file format) of Llama-family models, carrying slimformer's own integer
+codes and scales into GGML blocks unchanged.
+
+Architectures: LlamaForCausalLM (SmolLM2, Llama 2/3) and MistralForCausalLM as GGUF arch `llama`,
+Qwen2ForCausalLM as `qwen2`. Tensor names and layout follow llama.cpp's converter
+(convert_hf_to_gguf.py): `token_embd`, `blk.N.attn_q/k/v/output`, `blk.N.ffn_gate/up/down`,
+`blk.N.attn_norm/ffn_norm`, `output_norm`, `output` (omitted when the embedding is tied); for
+`llama` the rows of q/k are permuted per head into ggml's rotary layout (`rope_row_order`), for
+QuantLinear by moving whole rows of codes, scales and zeros, which is exact.
+
+| layer | GGUF tensor |
+|---|---|
+| QuantLinear, 4-bit symmetric / asymmetric | Q4_0 / Q4_1 |
+| QuantLinear, 5-bit symmetric / asymmetric | Q5_0 / Q5_1 |
+| QuantLinear, 8-bit symmetric | Q8_0 |
+| plain weights (embedding, nn.Linear) | F32, F16 or llama.cpp's RTN Q8_0 (`unquantized`) |
+| norms, biases | F32 |
+
+QuantLinear groups must be whole 32-weight blocks: group_size a multiple of 32, or per channel / per
+tensor, over a width that is a multiple of 32 (a smaller last group is fine when it is whole blocks
+too: 576 = 4 x 128 + 64). Symmetric codes are bit-exact, pruned weights included (code 0 is exactly
+0); asymmetric ones lose only the fp16 rounding of each block's offset m = -scale * zero (|error| <=
+ulp_fp16(m) / 2, see `gguf_blocks`), which is also what a pruned weight (code = zero point) reads
+where scale * zero does not fit fp16. Anything else is refused with a UserError naming the layer, and
+nothing is written: other bit widths, group sizes, lookup-table codes (NF4, log2, codebooks), AWQ
+input scales (a per-input-channel 1/s cannot be folded into integer codes exactly), and activation
+quantization (`dynamic`, `static`, `smoothquant`), which GGUF weights cannot carry.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType
+from gguf.quants import quant_shape_from_byte_shape
+from gguf.quants import quantize as ggml_quantize
+from torch import nn
+
+from slimformer.errors import UserError
+from slimformer.export.gguf_blocks import QK, block_type, blockable, offsets_fp16, pack_blocks, per_block, rope_row_order
+from slimformer.export.gguf_vocab import vocab_metadata, write_vocab
+from slimformer.models.layout import find_blocks
+from slimformer.quant.qlinear import QuantLinear
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+UNQUANTIZED = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "q8_0": GGMLQuantizationType.Q8_0}
+FILE_TYPES = {"F32": LlamaFileType.ALL_F32, "F16": LlamaFileType.MOSTLY_F16, "Q4_0": LlamaFileType.MOSTLY_Q4_0,
+              "Q4_1": LlamaFileType.MOSTLY_Q4_1, "Q5_0": LlamaFileType.MOSTLY_Q5_0,
+              "Q5_1": LlamaFileType.MOSTLY_Q5_1, "Q8_0": LlamaFileType.MOSTLY_Q8_0}
+_FP16_MAX = 65504.0
+
+# module path inside a block -> GGUF leaf name (llama.cpp's tensor names for llama/qwen2)
+BLOCK_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+}
+_RECIPE_FIX = ("quantize it with `rtn` or `gptq` at bits 4 or 5 (symmetric or not) or 8 (symmetric) with a "
+               "group_size that is a multiple of 32 or -1, or leave it out with `ignore`")
+
+
+@dataclass
+class _Tensor:
+    """One GGUF tensor: its name, data (float, or uint8 blocks) and ggml type."""
+
+    name: str
+    data: np.ndarray
+    kind: GGMLQuantizationType
+
+
+@dataclass(frozen=True)
+class _Dims:
+    """The sizes every tensor must have (one per model: GGUF's llama/qwen2 hold one head count, one FFN width)."""
+
+    arch: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+
+
+def export_gguf(model: nn.Module, tokenizer: Any, path: Path, *, unquantized: str = "f32") -> dict[str, Any]:
+    """Write `model` (Llama, Mistral or Qwen2 causal LM, compressed or not) and its tokenizer to `path`
+    as GGUF. QuantLinear codes go into GGML blocks unchanged; plain float weights are written as
+    `unquantized` ("f32", "f16", or "q8_0": llama.cpp's round-to-nearest Q8_0 for 2-D weights).
+
+    Returns {path, bytes, seconds, tensors: {ggml type: count}, layers_from_codes, max_offset_rounding
+    (largest |m - (-scale * zero)| of the Q4_1/Q5_1 blocks, 0.0 when none), warnings}. Anything the
+    file cannot hold is a UserError and nothing is written (temporary sibling, then renamed)."""
+    start = time.perf_counter()
+    if unquantized not in UNQUANTIZED:
+        raise UserError(f"unquantized must be one of {', '.join(UNQUANTIZED)}, got {unquantized!r}.")
+    if tokenizer is None:
+        raise UserError("GGUF export needs the model's tokenizer: a GGUF file carries its vocabulary.")
+    path = Path(path).expanduser()
+    if not path.parent.is_dir():
+        raise UserError(f"output folder '{path.parent}' does not exist.")
+    if path.is_dir():
+        raise UserError(f"output '{path}' is a folder; give a file name such as model.gguf.")
+    dims = _dims(model)
+    warnings = _config_warnings(model.config)
+    vocab = vocab_metadata(tokenizer, dims.vocab)
+    tensors, stats = _tensors(model, dims, UNQUANTIZED[unquantized])
+    warnings += vocab.warnings + stats["warnings"]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    writer = GGUFWriter(tmp, dims.arch)
+    try:
+        _write_metadata(writer, model, dims, tensors)
+        write_vocab(writer, vocab)
+        for t in tensors:
+            writer.add_tensor(t.name, t.data, raw_dtype=t.kind if t.data.dtype == np.uint8 else None)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+    return {"path": str(path), "bytes": path.stat().st_size, "seconds": round(time.perf_counter() - start, 2),
+            "tensors": dict(Counter(t.kind.name for t in tensors)), "layers_from_codes": stats["from_codes"],
+            "max_offset_rounding": stats["max_offset_rounding"], "warnings": warnings}
+
+
+def _dims(model: nn.Module) -> _Dims:
+    """The architecture and sizes from the config; UserError for other architectures or rope variants."""
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if name not in ARCHITECTURES or config is None:
+        raise UserError(f"GGUF export writes {', '.join(ARCHITECTURES)}; this model is {name}. Export it with "
+                        "`--format hf` or `--format onnx` instead.")
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise UserError(f"{name} uses rope scaling {rope.get('rope_type', rope.get('type'))!r}; GGUF export "
+                        "writes plain rotary embeddings only (rope_type 'default').")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise UserError(f"{name} uses hidden_act {config.hidden_act!r}; llama.cpp's {ARCHITECTURES[name]} computes silu.")
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return _Dims(ARCHITECTURES[name], int(config.num_hidden_layers), int(config.hidden_size), heads,
+                 int(getattr(config, "num_key_value_heads", None) or heads), head_dim, int(config.intermediate_size),
+                 int(model.get_input_embeddings().weight.shape[0]))
+
+
+def _config_warnings(config: Any) -> list[str]:
+    """What the file does not carry but llama.cpp runs without (a sliding attention window)."""
+    window = getattr(config, "sliding_window", None)
+    used = getattr(config, "use_sliding_window", True)
+    if window and used and window < getattr(config, "max_position_embeddings", 0):
+        return [f"sliding_window {window} is not written (llama.cpp's llama/qwen2 attend to the whole context): "
+                f"outputs differ past {window} tokens"]
+    return []
+
+
+def _rope_order(leaf: str, dims: _Dims) -> torch.Tensor | None:
+    """The q/k row permutation llama.cpp applies for arch `llama` (none for qwen2)."""
+    if dims.arch != "llama" or leaf not in ("attn_q", "attn_k"):
+        return None
+    heads = dims.heads if leaf == "attn_q" else dims.kv_heads
+    return rope_row_order(heads * dims.head_dim, heads)
+
+
+def _expected_shape(leaf: str, dims: _Dims) -> tuple[int, ...]:
+    q, kv = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
+    return {"attn_q": (q, dims.hidden), "attn_k": (kv, dims.hidden), "attn_v": (kv, dims.hidden),
+            "attn_output": (dims.hidden, q), "ffn_gate": (dims.ffn, dims.hidden), "ffn_up": (dims.ffn, dims.hidden),
+            "ffn_down": (dims.hidden, dims.ffn), "attn_norm": (dims.hidden,), "ffn_norm": (dims.hidden,),
+            "output_norm": (dims.hidden,), "token_embd": (dims.vocab, dims.hidden),
+            "output": (dims.vocab, dims.hidden)}[leaf]
+
+
+def _named_parts(model: nn.Module, dims: _Dims) -> list[tuple[str, str, nn.Module]]:
+    """(HF module name, GGUF base name, module) for every module holding tensors, in the model's order;
+    UserError for one that has no GGUF name, or a block count the config does not state."""
+    prefix, blocks = find_blocks(model)
+    if len(blocks) != dims.layers:
+        raise UserError(f"the model has {len(blocks)} blocks but its config says num_hidden_layers={dims.layers}; "
+                        "sync the config (structural pruning) before exporting to GGUF.")
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    names: dict[int, str | None] = {id(embed): "token_embd"}
+    if head is not None:  # a tied head shares the embedding's tensor: llama.cpp then reuses token_embd
+        names[id(head)] = None if head.weight is embed.weight else "output"
+    base = prefix.rpartition(".")[0]
+    names[id(model.get_submodule(f"{base}.norm" if base else "norm"))] = "output_norm"
+    for i, block in enumerate(blocks):
+        for path, leaf in BLOCK_NAMES.items():
+            names[id(block.get_submodule(path))] = f"blk.{i}.{leaf}"
+    parts = []
+    for name in dict.fromkeys(key.rpartition(".")[0] for key in model.state_dict()):  # modules with tensors
+        module = model.get_submodule(name)
+        if id(module) not in names:
+            raise UserError(f"module '{name}' ({type(module).__name__}) has no place in GGUF's {dims.arch} layout.")
+        if names[id(module)] is not None:
+            parts.append((name, names[id(module)], module))
+    return parts
+
+
+def _tensors(model: nn.Module, dims: _Dims, unquantized: GGMLQuantizationType) -> tuple[list[_Tensor], dict]:
+    """Every GGUF tensor, in the model's order, with how many came from codes and the offset rounding."""
+    out, stats = [], {"from_codes": 0, "max_offset_rounding": 0.0, "warnings": []}
+    for name, base, module in _named_parts(model, dims):
+        leaf = base.rpartition(".")[2]
+        coded = getattr(module, "is_slimformer_linear", False)
+        shape = (module.out_features, module.in_features) if coded else tuple(module.weight.shape)
+        if shape != _expected_shape(leaf, dims):
+            raise UserError(f"'{name}' has shape {shape}, but the config describes {_expected_shape(leaf, dims)}; GGUF "
+                            "holds one size per model: sync the config after uniform structural pruning, or keep "
+                            "the slimformer folder.")
+        order = _rope_order(leaf, dims)
+        if coded:
+            data, kind, offset_err = _quant_blocks(name, _check_quant(name, module), order)
+            stats["from_codes"] += 1
+            stats["max_offset_rounding"] = max(stats["max_offset_rounding"], offset_err)
+        else:
+            w = module.weight.detach().float()
+            data, kind, note = _float_tensor(name, w if order is None else w[order], unquantized)
+            stats["warnings"] += note
+        out.append(_Tensor(f"{base}.weight", data, kind))
+        bias = getattr(module, "bias", None)
+        if bias is not None:
+            b = bias.detach().float()
+            out.append(_Tensor(f"{base}.bias", (b if order is None else b[order]).numpy(), GGMLQuantizationType.F32))
+    return out, stats
+
+
+def _check_quant(name: str, layer: nn.Module) -> QuantLinear:
+    """The QuantLinear if GGML blocks hold it exactly (up to Q4_1/Q5_1 offset rounding); else UserError."""
+    if not isinstance(layer, QuantLinear):
+        what = ("lookup-table codes: nf4, log2, codebook" if type(layer).__name__ == "LUTLinear"
+                else "not integer codes with per-group scales")
+        raise UserError(f"layer '{name}' is a {type(layer).__name__} ({what}), which no GGML block type holds "
+                        f"unchanged; {_RECIPE_FIX}.")
+    if layer.dynamic or layer.act_bits:
+        how = "dynamic int8 activations" if layer.dynamic else f"static {layer.act_bits}-bit activations"
+        raise UserError(f"layer '{name}' quantizes its activations ({how}), which a GGUF file cannot carry; "
+                        "drop the `dynamic`/`static`/`smoothquant` step, or use weight-only quantization: "
+                        f"{_RECIPE_FIX}.")
+    if layer.input_scale is not None:
+        raise UserError(f"layer '{name}' has an AWQ input scale (codes quantize W * s per input channel); 1/s cannot be "
+                        "folded into integer codes exactly, so GGML blocks cannot hold it. Use `rtn` or `gptq` instead "
+                        "of `awq`, or export with `--format hf` (which folds the scale into a dense weight).")
+    if block_type(layer.bits, layer.symmetric) is None:
+        sym = "symmetric" if layer.symmetric else "asymmetric"
+        raise UserError(f"layer '{name}' holds {layer.bits}-bit {sym} codes; GGML blocks hold 4- or 5-bit codes "
+                        f"(symmetric: Q4_0/Q5_0, asymmetric: Q4_1/Q5_1) and 8-bit symmetric ones (Q8_0); {_RECIPE_FIX}.")
+    if not blockable(layer.in_features, layer.group_size):
+        raise UserError(f"layer '{name}' has group_size {layer.group_size} over {layer.in_features} inputs; GGML "
+                        f"blocks are {QK} weights with one scale each, so a group must be a multiple of {QK} (or -1 "
+                        f"per channel) and the width a multiple of {QK}; {_RECIPE_FIX}.")
+    return layer
+
+
+def _quant_blocks(
+    name: str, layer: QuantLinear, order: torch.Tensor | None
+) -> tuple[np.ndarray, GGMLQuantizationType, float]:
+    """The layer's codes as GGML blocks; (bytes (out, row bytes), type, max |offset rounding|)."""
+    kind = block_type(layer.bits, layer.symmetric)
+    codes, scale, zero = layer.codes, layer.scale, layer.zero
+    if order is not None and scale.shape[0] > 1:  # rows move with their own scales and zeros
+        codes, scale, zero = codes[order], scale[order], zero[order]
+    elif order is not None:  # per tensor: one scale for every row
+        codes = codes[order]
+    d = per_block(scale, layer.in_features, layer.group_size)  # (out|1, in/32)
+    z = per_block(zero, layer.in_features, layer.group_size)
+    offset_err = 0.0
+    if not layer.symmetric:
+        m, err = offsets_fp16(d, z)
+        if not bool(torch.isfinite(m).all()):
+            raise UserError(f"layer '{name}': scale * zero_point exceeds the fp16 range of a GGML block offset; "
+                            "use symmetric quantization for this layer.")
+        offset_err = float(err.abs().max()) if err.numel() else 0.0
+    return pack_blocks(codes, d, kind, None if layer.symmetric else z), GGMLQuantizationType[kind], offset_err
+
+
+def _float_tensor(
+    name: str, w: torch.Tensor, kind: GGMLQuantizationType
+) -> tuple[np.ndarray, GGMLQuantizationType, list[str]]:
+    """A plain float tensor: 1-D (norms) always F32; 2-D as `kind`. llama.cpp's converter falls back to
+    F16 when a row is not whole Q8_0 blocks; so do we, and say so."""
+    if not bool(torch.isfinite(w).all()):
+        raise UserError(f"'{name}' contains NaN or Inf values; check the model checkpoint.")
+    if w.dim() == 1 or kind == GGMLQuantizationType.F32:
+        return w.numpy().astype(np.float32), GGMLQuantizationType.F32, []
+    notes = []
+    if kind == GGMLQuantizationType.Q8_0 and w.shape[-1] % QK == 0:
+        return ggml_quantize(w.numpy().astype(np.float32), kind), kind, []
+    if kind == GGMLQuantizationType.Q8_0:
+        notes.append(f"'{name}' has rows of {w.shape[-1]} weights, not whole Q8_0 blocks: written as F16")
+    if float(w.abs().max()) > _FP16_MAX:
+        raise UserError(f"'{name}' has weights beyond the fp16 range ({float(w.abs().max()):.3g}); export with "
+                        "unquantized='f32'.")
+    return w.numpy().astype(np.float16), GGMLQuantizationType.F16, notes
+
+
+def _write_metadata(writer: GGUFWriter, model: nn.Module, dims: _Dims, tensors: list[_Tensor]) -> None:
+    """general.* and {arch}.* keys, as llama.cpp's converter writes them."""
+    config = model.config
+    writer.add_type("model")
+    writer.add_name(str(getattr(config, "_name_or_path", "") or type(model).__name__).rstrip("/").rpartition("/")[2])
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(dims.hidden)
+    writer.add_block_count(dims.layers)
+    writer.add_feed_forward_length(dims.ffn)
+    writer.add_head_count(dims.heads)
+    writer.add_head_count_kv(dims.kv_heads)
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_rope_dimension_count(dims.head_dim)
+    if dims.head_dim != dims.hidden // dims.heads:  # llama.cpp assumes hidden / heads otherwise
+        writer.add_key_length(dims.head_dim)
+        writer.add_value_length(dims.head_dim)
+    writer.add_vocab_size(dims.vocab)
+    writer.add_file_type(_file_type(tensors))
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+
+
+def _file_type(tensors: list[_Tensor]) -> int:
+    """general.file_type: the type holding the most weights among 2-D tensors (llama.cpp's 'mostly')."""
+    weights: Counter[str] = Counter()
+    for t in tensors:
+        if t.data.ndim == 2:
+            shape = quant_shape_from_byte_shape(t.data.shape, t.kind) if t.data.dtype == np.uint8 else t.data.shape
+            weights[t.kind.name] += shape[0] * shape[1]
+    return int(FILE_TYPES[weights.most_common(1)[0][0]]) if weights else int(LlamaFileType.ALL_F32)
+
