@@ -181,8 +181,13 @@ def _finish(report: dict[str, Any], bundle: ModelBundle, work: nn.Module, recipe
 
 
 def evaluate(model: str | Path | ModelBundle, eval: str | EvalSettings | None = None, *, progress: bool = True) -> dict[str, Any]:  # noqa: A002
-    """Measure one model (alias, HF folder or compressed folder): quality, size, speed."""
+    """Measure one model (alias, HF folder, compressed folder, or a .gguf file run in llama.cpp):
+    quality, size, speed."""
     settings = eval if isinstance(eval, EvalSettings) else EvalSettings(data=eval, progress=progress)
+    if isinstance(model, (str, Path)) and str(model).endswith(".gguf"):
+        from slimformer.evaluate.llamacpp import evaluate_gguf
+
+        return {**evaluate_gguf(model, settings), "environment": environment()}
     bundle = load_bundle(model) if not isinstance(model, ModelBundle) else model
     data = prepare_eval(bundle, settings)
     metrics = measure(bundle, data, settings)
@@ -193,6 +198,7 @@ def evaluate(model: str | Path | ModelBundle, eval: str | EvalSettings | None = 
 def export(
     model: str | Path | ModelBundle, output: str | Path, *, format: str = "onnx", overwrite: bool = False,  # noqa: A002
     threads: int | None = None, dtype: str = "float32", kv_cache: bool = False, int4_compute: str = "fp32",
+    unquantized: str = "f32",
 ) -> dict[str, Any]:
     """Export a model (alias, HF folder or compressed folder) to `output` and check the file against
     the PyTorch model on real inputs (built-in evaluation text: 2 windows of 128 tokens for decoders,
@@ -200,20 +206,50 @@ def export(
     format="hf": a plain Hugging Face folder instead (see `save_hf`; `dtype` applies there).
     kv_cache=True (decoders): past/present key/value inputs and outputs for incremental decoding.
     int4_compute="int8": 4-bit layers multiply int8-quantized activations in onnxruntime (faster,
-    slightly less exact; the parity check shows by how much); "fp32" (default) is exact."""
+    slightly less exact; the parity check shows by how much); "fp32" (default) is exact.
+    format="gguf": a GGUF file for llama.cpp/ollama carrying the integer codes unchanged (see
+    `export_gguf_file`); `unquantized` (f32, f16, q8_0) says how layers without codes are stored."""
 
     if format == "hf":
         return save_hf(model, output, dtype=dtype, overwrite=overwrite)
-    if format != "onnx":
-        raise UserError(f"unknown export format {format!r}; supported: onnx, hf.")
+    if format not in ("onnx", "gguf"):
+        raise UserError(f"unknown export format {format!r}; supported: onnx, gguf, hf.")
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be a positive integer, got {threads}.")
+    if format == "gguf":
+        return export_gguf_file(model, output, overwrite=overwrite, unquantized=unquantized, threads=threads)
     source = model.folder if isinstance(model, ModelBundle) else resolve_folder(model)
     out = check_file_output(output, protected=protected_paths(source), overwrite=overwrite)
     bundle = load_bundle(model) if not isinstance(model, ModelBundle) else model
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # renamed once the parity check passed
     try:
         info, _ = _export_checked(bundle, tmp, kv_cache=kv_cache, int4_compute=int4_compute, threads=threads)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"model": bundle.name, "kind": bundle.kind, **info, "path": str(out)}
+
+
+def export_gguf_file(model: str | Path | ModelBundle, output: str | Path, *, overwrite: bool = False,
+                     unquantized: str = "f32", threads: int | None = None) -> dict[str, Any]:
+    """Write a GGUF file (Llama, Mistral, Qwen2 families): our 4/5/8-bit codes and fp16 scales as
+    Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks unchanged; what GGUF cannot hold exactly is refused (UserError,
+    nothing written). Where llama.cpp is installed, its logits are compared with PyTorch's on real
+    text before the file is renamed into place (`parity`)."""
+    from slimformer.export.gguf import export_gguf
+    from slimformer.export.gguf_parity import gguf_parity
+
+    source = model.folder if isinstance(model, ModelBundle) else resolve_folder(model)
+    out = check_file_output(output, protected=protected_paths(source), overwrite=overwrite)
+    bundle = load_bundle(model) if not isinstance(model, ModelBundle) else model
+    if bundle.kind != "decoder" or bundle.tokenizer is None:
+        raise UserError(f"GGUF export needs a decoder with its tokenizer; '{bundle.name}' is an {bundle.kind}"
+                        f"{'' if bundle.tokenizer is not None else ' without a tokenizer'}.")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        info = export_gguf(bundle.model, bundle.tokenizer, tmp, unquantized=unquantized)
+        ids, _ = _parity_inputs(bundle)
+        info["parity"] = gguf_parity(bundle.model, tmp, ids, threads=threads)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

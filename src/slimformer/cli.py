@@ -44,15 +44,18 @@ def _parser() -> argparse.ArgumentParser:
     eval_options(c)
 
     e = sub.add_parser("evaluate", help="measure a model or a compressed folder")
-    e.add_argument("model", help="alias, Hugging Face folder, or slimformer output folder")
+    e.add_argument("model", help="alias, Hugging Face folder, slimformer output folder, or .gguf file (llama.cpp)")
     e.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     eval_options(e)
 
     x = sub.add_parser("export", help="export a model or compressed folder for another runtime (ONNX) or as a "
                                       "plain Hugging Face folder")
     x.add_argument("model", help="alias, Hugging Face folder, or slimformer output folder")
-    x.add_argument("--format", default="onnx", choices=["onnx", "hf"],
-                   help="onnx: one .onnx file; hf: a plain Hugging Face folder with dequantized weights (default: onnx)")
+    x.add_argument("--format", default="onnx", choices=["onnx", "gguf", "hf"],
+                   help="onnx: one .onnx file; gguf: one .gguf file for llama.cpp/ollama (our codes as Q4_0/Q4_1/"
+                        "Q5_0/Q5_1/Q8_0); hf: a plain Hugging Face folder with dequantized weights (default: onnx)")
+    x.add_argument("--unquantized", default="f32", choices=["f32", "f16", "q8_0"],
+                   help="gguf: how layers without integer codes are stored (q8_0: llama.cpp's own 8-bit rounding)")
     x.add_argument("--output", required=True, help="output file (onnx) or folder (hf), written atomically")
     x.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="weight dtype of an hf folder (default: float32)")
@@ -157,6 +160,22 @@ def _run(args: argparse.Namespace) -> int:
                   f"max |error| {p['max_abs_err']:.3g}")
         if json_out:
             write_text_atomic(json_out, json.dumps(result, indent=2))
+    elif args.command == "export" and args.format == "gguf":
+        result = api.export(args.model, args.output, format="gguf", overwrite=args.overwrite, threads=args.threads,
+                            unquantized=args.unquantized)
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(result["tensors"].items()))
+        print(f"wrote {result['path']}: {result['bytes'] / 1e6:.1f} MB ({kinds}), {result['layers_from_codes']} "
+              f"layers carried from their integer codes, {result['seconds']} s")
+        for warning in result.get("warnings", []):
+            print(f"warning: {warning}")
+        p = result["parity"]
+        if p is None:
+            print("llama.cpp is not installed (`make llamacpp`): the file was not run here")
+        else:
+            print(f"llama.cpp vs PyTorch on real inputs: cosine {p['cosine']:.6f}, max |error| {p['max_abs_err']:.3g}, "
+                  f"top-1 agreement {p['top1_agreement']:.3f}")
+        if json_out:
+            write_text_atomic(json_out, json.dumps(result, indent=2))
     elif args.command == "export":
         result = api.export(args.model, args.output, format=args.format, overwrite=args.overwrite, threads=args.threads,
                             kv_cache=args.kv_cache, int4_compute=args.int4_compute)
@@ -178,7 +197,7 @@ def _json_output(args: argparse.Namespace) -> Path | None:
     if not getattr(args, "json", None):
         return None
     specs = args.models if args.command == "bench" else [args.model]
-    inputs = [resolve_folder(s) for s in specs if not str(s).endswith(".onnx")]
+    inputs = [resolve_folder(s) for s in specs if not str(s).endswith((".onnx", ".gguf"))]
     return check_file_output(args.json, protected=protected_paths(*inputs), what="--json")
 
 

@@ -43,3 +43,31 @@ def test_export_bad_inputs_exit_2(tmp_path, tiny_dirs, capsys) -> None:
     assert main(["export", str(tiny_dirs["bert"]), "--output", str(tmp_path / "no" / "x.onnx")]) == 2
     assert main(["export", str(tiny_dirs["bert"]), "--output", str(tmp_path / "y.onnx"), "--threads", "0"]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.onnx"]
+
+
+def _compress_rtn(tmp_path: Path, model: Path, bits: int, name: str) -> Path:
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(f"steps:\n  - method: rtn\n    bits: {bits}\n    group_size: 32\n    symmetric: true\n")
+    out = tmp_path / name
+    assert main(["compress", str(model), "--recipe", str(recipe), "--output", str(out), "--no-latency",
+                 "--max-windows", "1", "--quiet"]) == 0
+    return out
+
+
+def test_export_gguf_carries_codes_and_refuses_3_bit(tmp_path, tiny_dirs, capsys) -> None:
+    from slimformer.export.gguf_parity import llama_cpp_available
+
+    folder = _compress_rtn(tmp_path, tiny_dirs["llama"], 4, "q4")
+    gguf_file, summary = tmp_path / "q4.gguf", tmp_path / "gguf.json"
+    assert main(["export", str(folder), "--format", "gguf", "--output", str(gguf_file), "--json", str(summary)]) == 0
+    result = json.loads(summary.read_text())
+    assert result["tensors"]["Q4_0"] == result["layers_from_codes"] == 14  # 2 blocks x 7 linear layers
+    assert result["bytes"] == gguf_file.stat().st_size
+    if llama_cpp_available():  # llama.cpp ran the file: its logits match ours
+        assert result["parity"]["cosine"] > 0.999
+    else:
+        assert result["parity"] is None and "not installed" in capsys.readouterr().out
+    three = _compress_rtn(tmp_path, tiny_dirs["llama"], 3, "q3")
+    assert main(["export", str(three), "--format", "gguf", "--output", str(tmp_path / "q3.gguf")]) == 2
+    assert "3-bit" in capsys.readouterr().err and not (tmp_path / "q3.gguf").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

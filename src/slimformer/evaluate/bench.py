@@ -187,11 +187,16 @@ def bench(specs: list[str], settings: BenchSettings, *, progress: Callable[[str]
     results = []
     with tempfile.TemporaryDirectory(prefix="slimformer-bench-") as tmp:  # exported ONNX files go with it
         for index, spec in enumerate(specs):
-            target = open_target(spec, settings, Path(tmp), index)
-            results.append(bench_target(target, settings))
+            if str(spec).endswith(".gguf"):  # llama.cpp times its own file
+                from slimformer.evaluate.llamacpp import bench_gguf
+
+                results.append(bench_gguf(spec, settings))
+            else:
+                target = open_target(spec, settings, Path(tmp), index)
+                results.append(bench_target(target, settings))
+                del target
             if progress:
                 progress(one_line(results[-1]))
-            del target
     return {"settings": asdict(settings), "results": results}
 
 
