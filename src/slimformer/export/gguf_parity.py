@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +12,7 @@ from torch import Tensor, nn
 
 def llama_cpp_available() -> bool:
     """True where the llama-cpp-python binding is installed (`make llamacpp`)."""
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 @torch.inference_mode()
