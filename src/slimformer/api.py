@@ -172,11 +172,11 @@ def _finish(report: dict[str, Any], bundle: ModelBundle, work: nn.Module, recipe
         compressed["size_bytes"] = _saved_bytes(compressed_bundle, recipe)
         if recipe.export is not None:  # measured from a temporary file: no folder to keep it in
             with tempfile.TemporaryDirectory(prefix="slimformer-export-") as tmp:
-                report["export"] = _export_stage(compressed_bundle, recipe.export, Path(tmp) / "model.onnx", data, settings)
+                report["export"] = _export_stage(compressed_bundle, recipe.export, Path(tmp), data, settings)
         report["wall_s"] = round(time.perf_counter() - started, 2)
         return
     _write_output(out_dir, compressed_bundle, recipe, report, started, overwrite, dist,
-                  lambda folder: _export_stage(compressed_bundle, recipe.export, folder / "model.onnx", data, settings)
+                  lambda folder: _export_stage(compressed_bundle, recipe.export, folder, data, settings)
                   if recipe.export is not None else None)
 
 
@@ -336,9 +336,12 @@ def _step_metrics(bundle: ModelBundle, work: nn.Module, data: EvalData, settings
     return metrics
 
 
-def _export_stage(bundle: ModelBundle, spec: ExportSpec, path: Path, data: EvalData, settings: EvalSettings) -> dict[str, Any]:
-    """The recipe's export stage: write `path`, check it against PyTorch on real inputs, and measure it
-    in onnxruntime with the same data and latency settings as the other stages."""
+def _export_stage(bundle: ModelBundle, spec: ExportSpec, folder: Path, data: EvalData, settings: EvalSettings) -> dict[str, Any]:
+    """The recipe's export stage: write `folder/model.onnx` (or .gguf), check it against PyTorch on real
+    inputs, and measure it in its runtime with the same data and latency settings as the other stages."""
+    if spec.format == "gguf":
+        return _gguf_stage(bundle, spec, folder / spec.file, data, settings)
+    path = folder / spec.file
     info, session = _export_checked(bundle, path, kv_cache=spec.kv_cache, int4_compute=spec.int4_compute,
                                     threads=settings.threads)
     metrics = measure(ModelBundle(session, bundle.tokenizer, bundle.kind, bundle.name), data, settings)
@@ -347,6 +350,26 @@ def _export_stage(bundle: ModelBundle, spec: ExportSpec, path: Path, data: EvalD
     metrics["size_bytes"] = info["bytes"]
     return {**spec.to_dict(), "file": path.name, "runtime": "onnxruntime", "layers_swapped": info.get("layers_swapped"),
             "opset": info.get("opset"), "export_s": round(info["seconds"], 2), "parity": info["parity"], "metrics": metrics}
+
+
+def _gguf_stage(bundle: ModelBundle, spec: ExportSpec, path: Path, data: EvalData, settings: EvalSettings) -> dict[str, Any]:
+    """The GGUF export stage: the file is written and checked like `export --format gguf`; where
+    llama.cpp is installed it is measured there on the same windows, else the stage says so."""
+    from slimformer.export.gguf import export_gguf
+    from slimformer.export.gguf_parity import gguf_parity, llama_cpp_available
+
+    info = export_gguf(bundle.model, bundle.tokenizer, path, unquantized=spec.unquantized)
+    ids, _ = _parity_inputs(bundle)
+    stage = {**spec.to_dict(), "file": path.name, "runtime": "llama.cpp", "tensors": info["tensors"],
+             "layers_from_codes": info["layers_from_codes"], "export_s": round(info["seconds"], 2),
+             "parity": gguf_parity(bundle.model, path, ids, threads=settings.threads)}
+    if llama_cpp_available():
+        from slimformer.evaluate.llamacpp import measure_gguf
+
+        stage["metrics"] = measure_gguf(path, data.windows, settings)
+    else:
+        stage["note"] = "llama.cpp is not installed (`make llamacpp`): the file was written but not measured"
+    return stage
 
 
 def _distributions(bundle: ModelBundle, work: nn.Module, data: EvalData, settings: EvalSettings) -> Comparison:

@@ -42,13 +42,26 @@ class Step:
 
 @dataclass(frozen=True)
 class ExportSpec:
-    """The recipe's optional last stage: the compressed model is also written as `model.onnx` in the
-    output folder, checked against PyTorch, and measured in onnxruntime like every other stage.
-    int4_compute and kv_cache mean what they mean for `slimformer export`."""
+    """The recipe's optional last stage: the compressed model is also written as `model.onnx` (or
+    `model.gguf`) in the output folder, checked against PyTorch, and measured in onnxruntime (or
+    llama.cpp) like every other stage. int4_compute and kv_cache (onnx) and unquantized (gguf) mean
+    what they mean for `slimformer export`."""
 
-    format: Literal["onnx"] = "onnx"
+    format: Literal["onnx", "gguf"] = "onnx"
     int4_compute: Literal["fp32", "int8"] = "fp32"
     kv_cache: bool = False
+    unquantized: Literal["f32", "f16", "q8_0"] = "f32"
+
+    def __post_init__(self) -> None:
+        if self.format == "gguf" and (self.kv_cache or self.int4_compute != "fp32"):
+            raise UserError("export: kv_cache and int4_compute are ONNX settings; a GGUF file always decodes "
+                            "with llama.cpp's key/value cache and its own kernels: remove them.")
+        if self.format == "onnx" and self.unquantized != "f32":
+            raise UserError("export: unquantized is a GGUF setting; remove it or use format: gguf.")
+
+    @property
+    def file(self) -> str:
+        return f"model.{self.format}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -71,3 +71,27 @@ def test_export_gguf_carries_codes_and_refuses_3_bit(tmp_path, tiny_dirs, capsys
     assert main(["export", str(three), "--format", "gguf", "--output", str(tmp_path / "q3.gguf")]) == 2
     assert "3-bit" in capsys.readouterr().err and not (tmp_path / "q3.gguf").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_recipe_gguf_stage_is_written_and_measured(tmp_path, tiny_dirs, capsys) -> None:
+    from slimformer.export.gguf_parity import llama_cpp_available
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("steps:\n  - method: rtn\n    bits: 4\n    group_size: 32\n    symmetric: true\n"
+                      "export:\n  format: gguf\n  unquantized: f16\n")
+    out = tmp_path / "out"
+    assert main(["compress", str(tiny_dirs["llama"]), "--recipe", str(recipe), "--output", str(out),
+                 "--max-windows", "1", "--decode-context", "32", "--latency-seq", "16", "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    stage = report["export"]
+    assert (out / "model.gguf").is_file() and stage["file"] == "model.gguf" and stage["tensors"]["Q4_0"] == 14
+    if llama_cpp_available():  # llama.cpp's perplexity on the same windows equals PyTorch's closely
+        assert stage["parity"]["cosine"] > 0.999
+        assert abs(stage["metrics"]["ppl"] / report["compressed"]["ppl"] - 1) < 0.01
+        assert stage["metrics"]["decode_ms"] > 0 and stage["metrics"]["size_bytes"] == (out / "model.gguf").stat().st_size
+    else:
+        assert "not installed" in stage["note"] and "metrics" not in stage
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps:\n  - method: rtn\nexport:\n  format: gguf\n  kv_cache: true\n")
+    assert main(["compress", str(tiny_dirs["llama"]), "--recipe", str(bad), "--output", str(tmp_path / "o2")]) == 2
+    assert "ONNX settings" in capsys.readouterr().err and not (tmp_path / "o2").exists()

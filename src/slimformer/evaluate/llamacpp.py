@@ -200,14 +200,25 @@ def evaluate_gguf(path: str | Path, settings: Any) -> dict[str, Any]:
     tokenizer (windows cut as for torch), forward latency, size. `settings` is an `EvalSettings`.
     Returns {"model", "eval_data", "runtime", "metrics"} with metric keys as `measure` writes them."""
     from slimformer.data.sources import load_data
-    from slimformer.data.windows import lm_windows
-    from slimformer.evaluate.measure import DEFAULT_EVAL, peak_rss_bytes
+    from slimformer.evaluate.measure import DEFAULT_EVAL
 
-    start = time.perf_counter()
     spec = settings.data or DEFAULT_EVAL["decoder"]
     text = load_data(spec, "eval").joined()
+    return {"model": str(path), "eval_data": spec, "runtime": RUNTIME, "metrics": measure_gguf(path, text, settings)}
+
+
+def measure_gguf(path: str | Path, text_or_windows: str | Tensor, settings: Any) -> dict[str, Any]:
+    """The metrics `measure` gives a torch model, for a GGUF file in llama.cpp: perplexity on `text`
+    (cut into windows by the file's own tokenizer) or on given token windows (n, T), forward latency,
+    decode after a `settings.decode_context`-token prompt, size, peak RSS."""
+    from slimformer.data.windows import lm_windows
+    from slimformer.evaluate.measure import peak_rss_bytes
+
+    start = time.perf_counter()
+    context = settings.decode_context
     with GgufModel(path, threads=settings.threads, n_ctx=max(settings.seq_len, settings.latency_seq)) as model:
-        windows = lm_windows(model.tokenizer, text, settings.seq_len, settings.max_windows)
+        windows = (lm_windows(model.tokenizer, text_or_windows, settings.seq_len, settings.max_windows)
+                   if isinstance(text_or_windows, str) else text_or_windows)
         metrics: dict[str, Any] = {"params": gguf_params(model.path)}
         metrics.update(model.perplexity(windows, progress=settings.progress))
         if settings.latency:
@@ -217,7 +228,6 @@ def evaluate_gguf(path: str | Path, settings: Any) -> dict[str, Any]:
             metrics.update({"latency_ms": f["median_ms"], "latency_min_ms": f["min_ms"], "latency_max_ms": f["max_ms"],
                             "latency_batch": 1, "latency_seq": settings.latency_seq, "latency_threads": model.threads,
                             "latency_runs": settings.latency_runs})
-            context = getattr(settings, "decode_context", 0)  # EvalSettings from the version that measures decode
             if context:
                 d = model.time_decoding(context, runs=16)["decode"]
                 metrics.update({"decode_ms": d["median_ms"], "decode_min_ms": d["min_ms"], "decode_max_ms": d["max_ms"],
@@ -225,7 +235,7 @@ def evaluate_gguf(path: str | Path, settings: Any) -> dict[str, Any]:
         metrics["size_bytes"] = model.size_bytes
     metrics["eval_wall_s"] = round(time.perf_counter() - start, 2)
     metrics["peak_rss_bytes"] = peak_rss_bytes()
-    return {"model": str(path), "eval_data": spec, "runtime": RUNTIME, "metrics": metrics}
+    return metrics
 
 
 def bench_gguf(path: str | Path, settings: Any) -> dict[str, Any]:

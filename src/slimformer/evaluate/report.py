@@ -75,7 +75,7 @@ def stage_columns(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
             columns[f"{i + 1}. {step['method']}"] = step["metrics"]
     if len(columns) == 1:
         columns["compressed"] = report["compressed"]
-    if "export" in report:
+    if "metrics" in report.get("export", {}):  # a GGUF file is measured only where llama.cpp is installed
         columns[report["export"].get("runtime", "export")] = report["export"]["metrics"]
     return columns
 
@@ -88,10 +88,18 @@ def stages_section(report: dict[str, Any]) -> str:
     text = ("\n## Metrics after each stage\n\nEvery column measured in this run on the same data and latency "
             "settings; the last step's column is the compressed model above.\n\n" + metrics_table(columns) + "\n")
     if "export" in report:
-        e, p = report["export"], report["export"]["parity"]
-        text += (f"\n`{e['file']}` ({e['format']}, int4_compute {e['int4_compute']}, kv_cache {e['kv_cache']}): "
-                 f"outputs against PyTorch on real inputs: cosine {p['cosine']:.6f}, max |error| {p['max_abs_err']:.3g}.\n")
+        text += export_line(report["export"])
     return text
+
+
+def export_line(e: dict[str, Any]) -> str:
+    """One line on the exported file: its settings and how closely its runtime matches PyTorch."""
+    settings = (f"int4_compute {e['int4_compute']}, kv_cache {e['kv_cache']}" if e["format"] == "onnx"
+                else f"unquantized {e['unquantized']}")
+    p = e.get("parity")
+    check = (f"outputs in {e['runtime']} against PyTorch on real inputs: cosine {p['cosine']:.6f}, max |error| "
+             f"{p['max_abs_err']:.3g}" if p else e.get("note", "not run here"))
+    return f"\n`{e['file']}` ({e['format']}, {settings}): {check}.\n"
 
 
 def report_markdown(report: dict[str, Any]) -> str:
