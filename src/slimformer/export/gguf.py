@@ -266,13 +266,18 @@ def _quant_blocks(
     """The layer's codes as GGML blocks; (bytes (out, row bytes), type, max |offset rounding|)."""
     kind = block_type(layer.bits, layer.symmetric)
     codes, scale, zero = layer.codes, layer.scale, layer.zero
+    minimum = layer.minimum  # zero_point "float" (Q4_1's own form): w = scale * code + minimum, m stored as is
     if order is not None and scale.shape[0] > 1:  # rows move with their own scales and zeros
         codes, scale, zero = codes[order], scale[order], zero[order]
+        minimum = minimum[order] if minimum is not None else None
     elif order is not None:  # per tensor: one scale for every row
         codes = codes[order]
     d = per_block(scale, layer.in_features, layer.group_size)  # (out|1, in/32)
     z = per_block(zero, layer.in_features, layer.group_size)
     offset_err = 0.0
+    if minimum is not None:
+        m = per_block(minimum, layer.in_features, layer.group_size)
+        return pack_blocks(codes, d, kind, minimum=m), GGMLQuantizationType[kind], 0.0
     if not layer.symmetric:
         m, err = offsets_fp16(d, z)
         if not bool(torch.isfinite(m).all()):

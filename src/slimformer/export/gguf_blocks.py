@@ -101,8 +101,10 @@ def offsets_fp16(d: Tensor, zero: Tensor) -> tuple[Tensor, Tensor]:
     return m, m.float() - exact
 
 
-def pack_blocks(codes: Tensor, d: Tensor, kind: str, zero: Tensor | None = None) -> np.ndarray:
-    """Codes (out, in) int16 + per-block scale d (out|1, in/32) fp16 [+ per-block zero for Q4_1/Q5_1]
+def pack_blocks(codes: Tensor, d: Tensor, kind: str, zero: Tensor | None = None, *,
+                minimum: Tensor | None = None) -> np.ndarray:
+    """Codes (out, in) int16 + per-block scale d (out|1, in/32) fp16 [+ per-block zero, or the fp16
+    offsets `minimum` themselves (w = d * code + m, stored exactly), for Q4_1/Q5_1]
     -> (out, in/32 * bytes_per_block) uint8, ggml's byte layout of `kind`."""
     bits, symmetric, offset, _ = BLOCK_TYPES[kind]
     rows, cols = codes.shape
@@ -120,8 +122,9 @@ def pack_blocks(codes: Tensor, d: Tensor, kind: str, zero: Tensor | None = None)
         q = q.astype(np.uint8)
         parts = [_fp16_bytes(d)]
         if not symmetric:
-            assert zero is not None, "asymmetric blocks need their zero points"
-            parts.append(_fp16_bytes(offsets_fp16(d, zero.expand(rows, nb))[0]))
+            assert zero is not None or minimum is not None, "asymmetric blocks need their zero points or offsets"
+            m = minimum.to(torch.float16) if minimum is not None else offsets_fp16(d, zero.expand(rows, nb))[0]
+            parts.append(_fp16_bytes(m.expand(rows, nb)))
         if bits == 5:
             parts.append(_high_bits(q))
         parts.append(_nibbles(q))
