@@ -5,13 +5,15 @@ STAMP := $(VENV)/.slimformer-installed
 
 .PHONY: demo test test-all bench peers llamacpp
 
-$(STAMP): pyproject.toml requirements-assets.txt
+$(STAMP): pyproject.toml requirements-assets.txt requirements-readers.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU build; a loose requirement would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps -r requirements-assets.txt
+	# readers the tests check our exports with (compressed-tensors); --no-deps: torch stays as pinned
+	$(PY) -m pip install -q --no-deps -r requirements-readers.txt
 	touch $(STAMP)
 
 demo: $(STAMP)

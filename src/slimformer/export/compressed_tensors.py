@@ -87,6 +87,10 @@ def layer_scheme(name: str, layer: nn.Module) -> Scheme:
                         "x / s against codes of W * s). The format has no such scale and a quantized weight cannot "
                         "absorb 1/s exactly; export it with --format hf or onnx, or quantize with rtn/gptq "
                         "(weight-only) or static/dynamic (W8A8) instead.")
+    if getattr(layer, "minimum", None) is not None:
+        raise UserError(f"layer '{name}' has a float minimum per group (zero_point: float, llama.cpp's Q4_1 form: "
+                        "w = scale * q + m); compressed-tensors stores integer zero points only. Requantize with "
+                        "zero_point: int, or export this model with --format gguf.")
     bits, g, sym, in_f = layer.bits, layer.group_size, layer.symmetric, layer.in_features
     if g == 0:
         raise UserError(f"layer '{name}' has one weight scale for the whole tensor (group_size 0); the "
