@@ -212,8 +212,10 @@ def export(
 
     if format == "hf":
         return save_hf(model, output, dtype=dtype, overwrite=overwrite)
+    if format == "compressed-tensors":
+        return save_compressed(model, output, overwrite=overwrite)
     if format not in ("onnx", "gguf"):
-        raise UserError(f"unknown export format {format!r}; supported: onnx, gguf, hf.")
+        raise UserError(f"unknown export format {format!r}; supported: onnx, gguf, compressed-tensors, hf.")
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be a positive integer, got {threads}.")
     if format == "gguf":
@@ -296,6 +298,19 @@ def save_hf(
         with torch.inference_mode():
             info["parity"] = _output_parity(bundle, plain, ids, mask)
     return {"model": bundle.name, "kind": bundle.kind, **info}
+
+
+def save_compressed(model: str | Path | ModelBundle, output: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
+    """Write a compressed-tensors Hugging Face folder (what llm-compressor writes and vLLM serves):
+    our integer codes packed as `pack-quantized` (weight-only) or `int-quantized` (W8A8), with the
+    `quantization_config` transformers and vLLM read. What the format cannot hold is a UserError."""
+    from slimformer.export.compressed_tensors import save_compressed_tensors
+
+    source = model.folder if isinstance(model, ModelBundle) else resolve_folder(model)
+    out = check_folder_output(output, protected=protected_paths(source), overwrite=overwrite)
+    bundle = load_bundle(model) if not isinstance(model, ModelBundle) else model
+    return {"model": bundle.name, "kind": bundle.kind,
+            **save_compressed_tensors(bundle.model, bundle.tokenizer, out, overwrite=overwrite)}
 
 
 def _output_parity(bundle: ModelBundle, other: nn.Module, ids: Any, mask: Any) -> dict[str, float]:

@@ -51,9 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="export a model or compressed folder for another runtime (ONNX) or as a "
                                       "plain Hugging Face folder")
     x.add_argument("model", help="alias, Hugging Face folder, or slimformer output folder")
-    x.add_argument("--format", default="onnx", choices=["onnx", "gguf", "hf"],
+    x.add_argument("--format", default="onnx", choices=["onnx", "gguf", "compressed-tensors", "hf"],
                    help="onnx: one .onnx file; gguf: one .gguf file for llama.cpp/ollama (our codes as Q4_0/Q4_1/"
-                        "Q5_0/Q5_1/Q8_0); hf: a plain Hugging Face folder with dequantized weights (default: onnx)")
+                        "Q5_0/Q5_1/Q8_0); compressed-tensors: a folder vLLM and transformers read (our codes "
+                        "packed); hf: a plain Hugging Face folder with dequantized weights (default: onnx)")
     x.add_argument("--unquantized", default="f32", choices=["f32", "f16", "q8_0"],
                    help="gguf: how layers without integer codes are stored (q8_0: llama.cpp's own 8-bit rounding)")
     x.add_argument("--output", required=True, help="output file (onnx) or folder (hf), written atomically")
@@ -158,6 +159,15 @@ def _run(args: argparse.Namespace) -> int:
             p = result["parity"]
             print(f"plain transformers vs slimformer on real inputs: cosine {p['cosine']:.6f}, "
                   f"max |error| {p['max_abs_err']:.3g}")
+        if json_out:
+            write_text_atomic(json_out, json.dumps(result, indent=2))
+    elif args.command == "export" and args.format == "compressed-tensors":
+        result = api.export(args.model, args.output, format="compressed-tensors", overwrite=args.overwrite)
+        groups = "; ".join(f"{g['scheme']} x {g['layers']}" for g in result["config_groups"])
+        print(f"wrote {result['path']}: {result['bytes'] / 1e6:.1f} MB, {result['quant_format']} ({groups}), "
+              f"{len(result['layers_float'])} layers left in float")
+        for warning in result["warnings"]:
+            print(f"warning: {warning}")
         if json_out:
             write_text_atomic(json_out, json.dumps(result, indent=2))
     elif args.command == "export" and args.format == "gguf":

@@ -95,3 +95,19 @@ def test_recipe_gguf_stage_is_written_and_measured(tmp_path, tiny_dirs, capsys) 
     bad.write_text("steps:\n  - method: rtn\nexport:\n  format: gguf\n  kv_cache: true\n")
     assert main(["compress", str(tiny_dirs["llama"]), "--recipe", str(bad), "--output", str(tmp_path / "o2")]) == 2
     assert "ONNX settings" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+
+
+def test_export_compressed_tensors_and_refuse_float_minimum(tmp_path, tiny_dirs, capsys) -> None:
+    folder = _compress_rtn(tmp_path, tiny_dirs["llama"], 4, "q4")
+    out = tmp_path / "ct"
+    assert main(["export", str(folder), "--format", "compressed-tensors", "--output", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    assert config["config_groups"]["group_0"]["weights"]["num_bits"] == 4
+    recipe = tmp_path / "fmin.yaml"
+    recipe.write_text("steps:\n  - method: rtn\n    bits: 4\n    group_size: 32\n    zero_point: float\n")
+    fmin = tmp_path / "fmin"
+    assert main(["compress", str(tiny_dirs["llama"]), "--recipe", str(recipe), "--output", str(fmin), "--no-latency",
+                 "--max-windows", "1", "--quiet"]) == 0
+    assert main(["export", str(fmin), "--format", "compressed-tensors", "--output", str(tmp_path / "ct2")]) == 2
+    assert "float minimum" in capsys.readouterr().err and not (tmp_path / "ct2").exists()
