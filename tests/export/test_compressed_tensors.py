@@ -46,9 +46,10 @@ def _llama() -> nn.Module:
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
-def _layer(bits: int, group_size: int, symmetric: bool, out_f: int = 40, in_f: int = 96) -> QuantLinear:
+def _layer(bits: int, group_size: int, symmetric: bool, out_f: int = 40, in_f: int = 96, **rule) -> QuantLinear:
     torch.manual_seed(bits)
-    return QuantLinear.from_float(nn.Linear(in_f, out_f), bits=bits, group_size=group_size, symmetric=symmetric)
+    return QuantLinear.from_float(nn.Linear(in_f, out_f), bits=bits, group_size=group_size, symmetric=symmetric,
+                                  **rule)
 
 
 def _ct_scheme(scheme) -> QuantizationScheme:
@@ -82,12 +83,15 @@ def test_signed_mapping_keeps_q_minus_zero() -> None:
         to_signed(torch.tensor([[16]], dtype=torch.int16), 4, symmetric=False)
 
 
-@pytest.mark.parametrize("bits,group_size,symmetric", [(4, 32, True), (3, 32, False), (4, -1, False), (8, 48, False),
-                                                       (2, -1, True)])
-def test_layer_tensors_equal_compressed_tensors_compressor(bits: int, group_size: int, symmetric: bool) -> None:
+@pytest.mark.parametrize("bits,group_size,symmetric,rule", [
+    (4, 32, True, "absmax"), (3, 32, False, "absmax"), (4, -1, False, "absmax"), (8, 48, False, "absmax"),
+    (2, -1, True, "absmax"), (4, 32, True, "signed_max"),  # llama.cpp's Q4_0 rounding: negative scales too
+])
+def test_layer_tensors_equal_compressed_tensors_compressor(bits: int, group_size: int, symmetric: bool,
+                                                            rule: str) -> None:
     """compressed-tensors' own compressor, fed our dequantized weight, scales and zero points, writes the
     very tensors we write; its decompressor gives back our weight bit for bit."""
-    layer = _layer(bits, group_size, symmetric)
+    layer = _layer(bits, group_size, symmetric, scale_rule=rule)
     scheme = layer_scheme("layer", layer)
     ours = layer_tensors(layer, scheme)
     ct = _ct_scheme(scheme)
@@ -184,6 +188,8 @@ REFUSALS = {
                                         r"'model\.layers\.0\.self_attn\.q_proj' has 64 inputs, not a multiple of "
                                         r"group_size 48.*e\.g\. 64"),
     "per-tensor weight scale": (lambda m: rtn(m, RTNConfig(bits=4, group_size=0)) and m, "group_size 0"),
+    "float minimum (Q4_1 style)": (lambda m: rtn(m, RTNConfig(bits=4, group_size=32, zero_point="float")) and m,
+                                   "has a float minimum per group"),
     "AWQ input scale": (_input_scaled, r"'model\.layers\.0\.self_attn\.q_proj' keeps a per-input-channel scale"),
     "lookup table (NF4)": (_nf4, r"'model\.layers\.0\.mlp\.down_proj' is a LUTLinear"),
     "per-tensor dynamic activations": (lambda m: dynamic(m, DynamicConfig(activations="tensor")) and m,
