@@ -27,7 +27,9 @@ from slimformer.evaluate.size import folder_bytes
 from slimformer.export.artifact import save_artifact
 from slimformer.models.layout import select_linears
 from slimformer.models.loading import ModelBundle, load_bundle, resolve_folder
-from slimformer.outputs import OutputLock, check_file_output, check_folder_output, no_space_error, protected_paths
+from slimformer.outputs import (
+    OutputLock, atomic_folder, check_file_output, check_folder_output, no_space_error, protected_paths,
+)
 from slimformer.quant.qscheme import check_group_fits
 from slimformer.recipe import ExportSpec, Recipe
 from slimformer.registry import get_method
@@ -441,8 +443,7 @@ def _saved_bytes(bundle: ModelBundle, recipe: Recipe | None) -> int:
 def _write_output(out: Path, bundle: ModelBundle, recipe: Recipe, report: dict, started: float, overwrite: bool,
                   dist: Comparison | None = None, export: Callable[[Path], dict | None] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:  # `out` was checked up front: absent, empty, or --overwrite
         report["compressed"]["size_bytes"] = save_artifact(
             bundle.model, tmp, kind=bundle.kind, tokenizer=bundle.tokenizer,
             extra={"recipe": recipe.to_dict(), "source_model": bundle.name},
@@ -457,18 +458,6 @@ def _write_output(out: Path, bundle: ModelBundle, recipe: Recipe, report: dict, 
         plot_report(report, tmp / "report.png")
         if dist is not None:
             dist.plot(tmp / "distribution.png")
-        if out.exists() and overwrite:
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            if out.exists():
-                out.rmdir()  # an empty folder the user made
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def summary_table(report: dict[str, Any]) -> str:

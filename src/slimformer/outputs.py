@@ -9,12 +9,15 @@ removes the temporary siblings a killed run left behind.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import re
+import secrets
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from slimformer.errors import UserError
@@ -98,6 +101,32 @@ def write_text_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """A temporary sibling of `out` to write a folder into (`.NAME.tmp-XXXXXXXX`, readable as the umask
+    allows); when the block finishes it replaces `out` whole, and if the block fails it is removed."""
+    tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        swap_in(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def swap_in(tmp: Path, out: Path) -> None:
+    """Put the finished folder `tmp` at `out`, replacing whatever is there: the old folder is renamed
+    aside first and removed after, so `out` never holds a half-written result."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 class OutputLock:

@@ -21,10 +21,7 @@ models whose config cannot describe them (as `hf.check_representable`).
 from __future__ import annotations
 
 import copy
-import os
 import re
-import secrets
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +30,7 @@ import torch
 from torch import nn
 
 from slimformer.errors import UserError
+from slimformer.outputs import atomic_folder
 from slimformer.export.ct_packing import pack_int32, to_signed
 from slimformer.export.hf import _skeleton, check_representable
 from slimformer.models.layout import find_blocks
@@ -288,17 +286,7 @@ def _warnings(schemes: list[Scheme], tokenizer: Any) -> list[str]:
 def _write(dense: nn.Module, state: dict[str, torch.Tensor], tokenizer: Any, out: Path) -> None:
     """save_pretrained with our state dict (tied weights dropped, format metadata) into a temporary
     sibling, then swapped in place of `out`."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    tmp.mkdir()  # unlike mkdtemp's 0700, readable by whoever serves it (the umask decides)
-    try:
+    with atomic_folder(out) as tmp:  # readable by whoever serves it (the umask decides)
         dense.save_pretrained(tmp, state_dict=state)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

@@ -14,9 +14,6 @@ exact weight it computes with.
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,7 @@ import torch
 from torch import nn
 
 from slimformer.errors import UserError
+from slimformer.outputs import atomic_folder
 from slimformer.export.onnx_ops import dense_linear
 from slimformer.models.structure import describe_structure, sync_config
 
@@ -115,19 +113,10 @@ def save_hf_folder(
         sync_config(dense)
     check_representable(dense)
     dense = dense.to(DTYPES[dtype])
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         dense.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     dropped = notes["activation_quantization_dropped"]
     warnings = [] if not dropped else [
         f"activation quantization dropped in {len(dropped)} layers (dynamic/static int8 activations have no "
