@@ -5,6 +5,7 @@ installed (`make llamacpp`); the file checks and the install hint run everywhere
 from __future__ import annotations
 
 import importlib.metadata
+import re
 import sys
 from dataclasses import asdict
 
@@ -48,6 +49,18 @@ def test_tokenizer_matches_hf(gguf, smollm_bundle):
         assert gguf.tokenize(text) == hf(text, add_special_tokens=False)["input_ids"], text[:80]
     assert gguf.tokenizer.bos_token_id == hf.bos_token_id
     assert gguf.tokenizer("a")["input_ids"] == hf("a")["input_ids"]  # neither prepends BOS
+
+
+@pytest.mark.llamacpp
+def test_tokenizer_differs_only_on_whitespace_before_digits(gguf, smollm_bundle):
+    """llama.cpp 0.3.36 keeps a run of 2+ whitespace characters before a digit as one token where
+    Hugging Face splits it (lee-news: 2 of 150 eval texts, "the  50"); everywhere else the same ids."""
+    hf = smollm_bundle.tokenizer
+    texts = load_data("lee-news", "eval").texts
+    differ = [t for t in texts if gguf.tokenize(t) != hf(t, add_special_tokens=False)["input_ids"]]
+    assert len(differ) <= 2 and all(re.search(r"\s\s\d", t) for t in differ)
+    assert gguf.tokenize("the  50") == [1195, 256, 37, 32]  # "  " one token; if this fails, update evaluate_gguf's note
+    assert hf("the  50", add_special_tokens=False)["input_ids"] == [1195, 216, 216, 37, 32]
 
 
 @pytest.mark.llamacpp

@@ -198,7 +198,12 @@ def gguf_params(path: str | Path) -> int:
 def evaluate_gguf(path: str | Path, settings: Any) -> dict[str, Any]:
     """`slimformer evaluate FILE.gguf`: perplexity on the evaluation text tokenized by the file's own
     tokenizer (windows cut as for torch), forward latency, size. `settings` is an `EvalSettings`.
-    Returns {"model", "eval_data", "runtime", "metrics"} with metric keys as `measure` writes them."""
+    Returns {"model", "eval_data", "runtime", "metrics"} with metric keys as `measure` writes them.
+
+    llama.cpp's tokenizer differs from Hugging Face's on a run of 2+ whitespace characters before a
+    digit (SmolLM2: "the  50" is one "  " token in llama.cpp, two " " in HF): on lee-news its own
+    windows hold 2 tokens fewer and differ from torch's from window 41 of 74 on. For exactly torch's
+    windows, tokenize with the HF tokenizer and pass the windows to `measure_gguf`."""
     from slimformer.data.sources import load_data
     from slimformer.evaluate.measure import DEFAULT_EVAL
 
