@@ -6,7 +6,6 @@ import contextlib
 import copy
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -28,7 +27,7 @@ from slimformer.export.artifact import save_artifact
 from slimformer.models.layout import select_linears
 from slimformer.models.loading import ModelBundle, load_bundle, resolve_folder
 from slimformer.outputs import (
-    OutputLock, atomic_folder, check_file_output, check_folder_output, no_space_error, protected_paths,
+    OutputLock, atomic_file, atomic_folder, check_file_output, check_folder_output, no_space_error, protected_paths,
 )
 from slimformer.quant.qscheme import check_group_fits
 from slimformer.recipe import ExportSpec, Recipe
@@ -225,12 +224,8 @@ def export(
     source = model.folder if isinstance(model, ModelBundle) else resolve_folder(model)
     out = check_file_output(output, protected=protected_paths(source), overwrite=overwrite)
     bundle = load_bundle(model) if not isinstance(model, ModelBundle) else model
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # renamed once the parity check passed
-    try:
+    with atomic_file(out) as tmp:  # renamed once the parity check passed
         info, _ = _export_checked(bundle, tmp, kv_cache=kv_cache, int4_compute=int4_compute, threads=threads)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return {"model": bundle.name, "kind": bundle.kind, **info, "path": str(out)}
 
 
@@ -249,14 +244,10 @@ def export_gguf_file(model: str | Path | ModelBundle, output: str | Path, *, ove
     if bundle.kind != "decoder" or bundle.tokenizer is None:
         raise UserError(f"GGUF export needs a decoder with its tokenizer; '{bundle.name}' is an {bundle.kind}"
                         f"{'' if bundle.tokenizer is not None else ' without a tokenizer'}.")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(out) as tmp:  # renamed once llama.cpp (where installed) has run it
         info = export_gguf(bundle.model, bundle.tokenizer, tmp, unquantized=unquantized)
         ids, _ = _parity_inputs(bundle)
         info["parity"] = gguf_parity(bundle.model, tmp, ids, threads=threads)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return {"model": bundle.name, "kind": bundle.kind, **info, "path": str(out)}
 
 

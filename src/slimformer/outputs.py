@@ -93,14 +93,22 @@ def check_file_output(out: str | Path, *, protected: dict[Path, str], what: str 
     return out
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `path` through a temporary sibling and a rename: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+@contextlib.contextmanager
+def atomic_file(out: Path) -> Iterator[Path]:
+    """A temporary sibling of `out` to write one file into; renamed to `out` when the block finishes,
+    removed if it fails: never a half-written file at `out`."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        yield tmp
+        os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `path` through a temporary sibling and a rename."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 @contextlib.contextmanager
