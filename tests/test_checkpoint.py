@@ -22,8 +22,10 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("method, config", [
-    (gptq, GPTQConfig(bits=4, group_size=128, num_samples=2, targets=("mlp.down_proj",))),
-    (awq, AWQConfig(bits=4, group_size=128, num_samples=2, grid=4, targets=("self_attn.o_proj",))),
+    pytest.param(gptq, GPTQConfig(bits=4, group_size=128, num_samples=2, targets=("mlp.down_proj",)),
+                 marks=pytest.mark.slow, id="gptq"),
+    pytest.param(awq, AWQConfig(bits=4, group_size=128, num_samples=2, grid=4, targets=("self_attn.o_proj",)),
+                 id="awq"),
 ])
 def test_resume_gives_identical_tensors(smollm_bundle, tmp_path, method, config) -> None:
     ctx = StepContext(tokenizer=smollm_bundle.tokenizer, calib=load_data("lee-news", "calib"), progress=False)

@@ -32,6 +32,7 @@ def _recipe(tmp_path: Path, text: str = RECIPE) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_compress_smollm_end_to_end(tmp_path) -> None:
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "slimformer", "compress", "smollm2-135m", "--recipe", str(_recipe(tmp_path)),
@@ -81,6 +82,7 @@ export:
 """
 
 
+@pytest.mark.slow
 def test_one_recipe_prunes_distills_quantizes_exports_and_reports_each_stage(tmp_path) -> None:
     """neurons -> distill -> gptq -> ONNX in one command; every stage measured on the same windows."""
     out = tmp_path / "out"

@@ -183,9 +183,9 @@ def test_smollm2_float_export_is_what_llama_cpp_wrote(smollm_bundle, tmp_path) -
 
 
 SCHEMES = [  # (bits, group_size, symmetric, ggml type, llama.cpp file type)
-    pytest.param((4, 32, True, "Q4_0", 2), id="sym4-g32-Q4_0"),
+    pytest.param((4, 32, True, "Q4_0", 2), id="sym4-g32-Q4_0", marks=pytest.mark.slow),
     pytest.param((4, 64, False, "Q4_1", 3), id="asym4-g64-Q4_1"),
-    pytest.param((8, 32, True, "Q8_0", 7), id="sym8-g32-Q8_0"),
+    pytest.param((8, 32, True, "Q8_0", 7), id="sym8-g32-Q8_0", marks=pytest.mark.slow),
 ]
 
 

@@ -25,6 +25,7 @@ def test_config_rejects_bad_values() -> None:
         AWQConfig(bits=9)
 
 
+@pytest.mark.slow
 def test_awq_w4_g128_beats_rtn_and_round_trips(smollm_bundle, smollm_windows, tmp_path) -> None:
     ctx = StepContext(tokenizer=smollm_bundle.tokenizer, calib=load_data("lee-news", "calib"), progress=False)
     model = copy.deepcopy(smollm_bundle.model)

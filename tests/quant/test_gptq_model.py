@@ -26,6 +26,7 @@ def test_collector_shares_hessians_of_identical_inputs() -> None:
     assert torch.allclose(hc.get("o"), 2 * (y * w).T @ y / 8, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gptq_w4_g128_beats_rtn(smollm_bundle, smollm_windows) -> None:
     ctx = StepContext(tokenizer=smollm_bundle.tokenizer, calib=load_data("lee-news", "calib"), progress=False)
     model = copy.deepcopy(smollm_bundle.model)

@@ -25,6 +25,7 @@ def test_config_errors() -> None:
         MixedConfig(avg_bits=4, choices=(1, 4))
 
 
+@pytest.mark.slow
 def test_mixed_avg4_beats_uniform_rtn4(smollm_bundle, smollm_windows) -> None:
     ctx = StepContext(tokenizer=smollm_bundle.tokenizer, calib=load_data("lee-news", "calib"), progress=False)
     model = copy.deepcopy(smollm_bundle.model)

@@ -45,6 +45,7 @@ def test_rtn4_g128_worse_than_8bit_but_finite(smollm, smollm_windows, smollm_fp3
     assert ppl < smollm_fp32_ppl * 3
 
 
+@pytest.mark.slow
 def test_rtn4_g32_signed_max_beats_absmax(smollm_bundle, smollm_windows) -> None:
     """llama.cpp's Q4_0 rule (d = signed max / -8) uses all 16 codes where absmax / 7 uses 15."""
     import copy

@@ -43,6 +43,7 @@ def static_minmax(smollm_bundle, smollm_windows):
     return model, info, _ppl(model, smollm_windows)
 
 
+@pytest.mark.slow
 def test_static_minmax_w8a8(static_minmax, smollm_fp32_ppl, smollm_windows, monkeypatch) -> None:
     model, info, ppl = static_minmax
     assert info["layers"] == 210 and info["mean_act_clip_ratio"] == 1.0
@@ -63,6 +64,7 @@ def test_static_minmax_w8a8(static_minmax, smollm_fp32_ppl, smollm_windows, monk
     assert len(calls) == 210 and torch.allclose(int_logits, float_logits, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_smoothquant_beats_static_minmax_and_round_trips(static_minmax, smollm_bundle, smollm_windows, tmp_path) -> None:
     model = copy.deepcopy(smollm_bundle.model)
     info = smoothquant(model, SmoothQuantConfig(alpha=SQ_ALPHA, num_samples=8), _ctx(smollm_bundle))

@@ -6,6 +6,7 @@ nccl on CUDA); single-process runs need no launcher and no process group.
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Literal
 
@@ -53,7 +54,16 @@ def init_distributed() -> bool:
         if backend == "nccl":
             torch.cuda.set_device(device())
         dist.init_process_group(backend=backend)
+        # Gloo's worker threads still hold tensors at interpreter shutdown unless the group is
+        # destroyed first; without this a rank can abort at exit ("terminate called without an
+        # active exception", SIGABRT) after all its work is done (pytorch#190489).
+        atexit.register(_destroy)
     return True
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
