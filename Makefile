@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.slimformer-installed
 
-.PHONY: demo test test-all bench peers llamacpp
+.PHONY: demo test test-slow test-all bench peers llamacpp llamacpp-tools
 
 $(STAMP): pyproject.toml requirements-assets.txt requirements-readers.txt
 	python3 -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=25
+
+# the slow tier (tests marked `slow`: whole-model GPTQ/AWQ/mixed/static runs, the recipe end to end);
+# CI runs it after `make test`
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow --durations=15
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
@@ -45,3 +50,18 @@ llamacpp: $(STAMP)
 		llama-cpp-python==$(LLAMACPP_VERSION)
 	$(PY) -c "import torch, llama_cpp, numpy, jinja2, diskcache, typing_extensions; \
 		assert torch.__version__.startswith('2.13.0'), torch.__version__; print('llama_cpp', llama_cpp.__version__)"
+
+# llama.cpp's own converter (convert_hf_to_gguf.py) and its llama-quantize / llama-imatrix tools, from
+# the same pinned sdist, into .venv/llama.cpp/{src,bin}: what benchmarks/llamacpp.py compares against.
+# sentencepiece: the converter imports it for Llama-family vocabularies.
+LLAMACPP_TOOLS := $(VENV)/llama.cpp
+llamacpp-tools: $(STAMP)
+	$(PY) -m pip install -q --no-deps sentencepiece==0.2.3
+	rm -rf $(LLAMACPP_TOOLS) && mkdir -p $(LLAMACPP_TOOLS)/bin
+	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMACPP_VERSION) -d $(LLAMACPP_TOOLS)/dl
+	tar xzf $(LLAMACPP_TOOLS)/dl/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz -C $(LLAMACPP_TOOLS)/dl
+	ln -s dl/llama_cpp_python-$(LLAMACPP_VERSION)/vendor/llama.cpp $(LLAMACPP_TOOLS)/src
+	cmake -S $(LLAMACPP_TOOLS)/src -B $(LLAMACPP_TOOLS)/build -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+		-DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF $(LLAMACPP_CMAKE_ARGS)
+	cmake --build $(LLAMACPP_TOOLS)/build --target llama-quantize llama-imatrix -j2
+	cp $(LLAMACPP_TOOLS)/build/bin/llama-quantize $(LLAMACPP_TOOLS)/build/bin/llama-imatrix $(LLAMACPP_TOOLS)/bin/
