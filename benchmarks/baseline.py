@@ -1,4 +1,4 @@
-"""Baseline table: fp32 quality, size and latency of the built-in models, per DESIGN.md's protocol.
+"""Baseline table: fp32 quality, size and latency of the built-in models, on the evaluation protocol (docs/design.md).
 
     python benchmarks/baseline.py --json out/baseline.json
 

@@ -1,5 +1,5 @@
 """MiniLM-L6 int8 dynamic quantization vs fp32, in one run: latency at batch 32 x sequence 128,
-embedding cosine to fp32 and tweets linear-probe accuracy (DESIGN.md protocol).
+embedding cosine to fp32 and tweets linear-probe accuracy (evaluation protocol, docs/design.md).
 
     python benchmarks/encoder_int8.py --json out/encoder_int8.json [--threads 2] [--runs 20]
 

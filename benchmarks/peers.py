@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/peers.py --json out/peers.json [--max-windows N] [--calib-windows N]
         [--only gptq-g64 llm-compressor ...] [--skip Prototype ...]
 
-Same protocol on both sides of every row (DESIGN "Evaluation protocol", as in
+Same protocol on both sides of every row (the evaluation protocol of docs/design.md, as in
 benchmarks/quantization.py): perplexity with `slimformer.evaluate.perplexity` on the same
 `lee-news` evaluation windows, every variant compressed from a fresh copy of the same fp32 model,
 every data-driven method calibrated on the same token windows (the first N windows of 512 tokens of
@@ -66,7 +66,7 @@ class Bench:
     eval_windows: torch.Tensor
     calib_windows: torch.Tensor
     ctx: StepContext
-    targets: list[str]  # full names of the Linear layers inside the blocks (DESIGN default targets)
+    targets: list[str]  # full names of the Linear layers inside the blocks (the default targets, docs/design.md)
     workdir: Path
     cache: dict[str, Any] = field(default_factory=dict)  # lazily built shared inputs (ONNX export...)
 

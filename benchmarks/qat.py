@@ -1,4 +1,4 @@
-"""QAT vs PTQ on smollm2-135m (DESIGN protocol): GPTQ alone against QAT initialised from the same
+"""QAT vs PTQ on smollm2-135m (evaluation protocol, docs/design.md): GPTQ alone against QAT initialised from the same
 GPTQ result (or, with --init rtn, from RTN) and trained with distillation from the fp32 model; RTN
 and fp32 for reference.
 

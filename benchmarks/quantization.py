@@ -1,4 +1,4 @@
-"""Quantizers side by side on smollm2-135m (DESIGN protocol): perplexity, size, compression time,
+"""Quantizers side by side on smollm2-135m (evaluation protocol, docs/design.md): perplexity, size, compression time,
 prefill latency.
 
     python benchmarks/quantization.py --json out/quantization.json [--max-windows 16]

@@ -1,4 +1,5 @@
-"""Structured pruning (heads / neurons physically removed), before and after recovery, DESIGN.md protocol.
+"""Structured pruning (heads / neurons physically removed), before and after recovery, on the
+evaluation protocol of docs/design.md.
 
     python benchmarks/structured.py --json out/structured.json [--models smollm2-135m minilm-l6]
         [--threads 2] [--runs 20] [--calib-samples 64] [--eval-windows N] [--recover-steps N]
@@ -36,7 +37,7 @@ from slimformer.models.loading import ModelBundle, load_bundle
 from slimformer.recipe import Recipe
 from slimformer.registry import get_method
 
-SETTINGS = {  # latency shape per model (DESIGN.md / issue 4)
+SETTINGS = {  # latency shape per model (docs/design.md / issue 4)
     "smollm2-135m": {"latency_batch": 1, "latency_seq": 512},
     "minilm-l6": {"latency_batch": 32, "latency_seq": 128},
 }

@@ -4,7 +4,7 @@ reruns our `wanda` with llm-compressor's per-row count, same windows as benchmar
 
     python benchmarks/wanda_rounding.py [--max-windows N] [--calib-windows 64] [--sparsity 0.6]
 
-Defaults are the DESIGN protocol (all evaluation windows, 64 calibration windows).
+Defaults are the evaluation protocol of docs/design.md (all evaluation windows, 64 calibration windows).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def smollm(smollm_bundle: ModelBundle) -> ModelBundle:
 
 @pytest.fixture(scope="session")
 def smollm_windows(smollm_bundle: ModelBundle):
-    """The first 8 evaluation windows of lee-news (DESIGN protocol), enough for ratio checks."""
+    """The first 8 evaluation windows of lee-news (evaluation protocol, docs/design.md), enough for ratio checks."""
     from slimformer.data.sources import load_data
     from slimformer.data.windows import lm_windows
 

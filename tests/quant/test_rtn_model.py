@@ -1,4 +1,4 @@
-"""RTN on the real SmolLM2-135M: perplexity against fp32 on the DESIGN protocol (8 windows)."""
+"""RTN on the real SmolLM2-135M: perplexity against fp32 on the evaluation protocol (docs/design.md, 8 windows)."""
 
 from __future__ import annotations
 

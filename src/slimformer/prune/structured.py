@@ -26,7 +26,7 @@ from slimformer.prune.structured_math import blocks_to_drop, choose_heads, choos
 from slimformer.quant.gptq import calibration_inputs
 from slimformer.registry import register
 
-# calibration windows when num_samples is not given: the DESIGN default, fewer for the scores
+# calibration windows when num_samples is not given: the protocol's default (docs/design.md), fewer for the scores
 # that cost one forward pass per unit
 _DEFAULT_SAMPLES = {"information": 2, "ppl": 8}
 

@@ -24,7 +24,7 @@ from slimformer.registry import register
 class GPTQConfig(TargetedConfig):
     """bits/group_size/symmetric/scale_rule/zero_point as in `rtn`. damp: fraction of the mean
     Hessian diagonal added for stability. act_order: quantize columns by decreasing activation energy. num_samples and
-    seq_len: calibration windows (DESIGN default: 64 x 512)."""
+    seq_len: calibration windows (default 64 x 512, docs/design.md)."""
 
     bits: int = 4
     group_size: int = 128

@@ -50,7 +50,7 @@ class QATConfig(TrainOptions):
     num_samples: int = 64
     temperature: float = 1.0
     alpha: float = 1.0
-    seq_len: int = 512  # the DESIGN calibration windows, for GPTQ and training alike
+    seq_len: int = 512  # the calibration windows of docs/design.md, for GPTQ and training alike
 
     def __post_init__(self) -> None:
         super().__post_init__()
