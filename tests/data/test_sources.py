@@ -42,7 +42,7 @@ def test_tweets_split_sizes_disjoint_labels():
 
 
 def test_aliases():
-    assert ALIASES == ("lee-news", "tweets")
+    assert ALIASES == ("lee-news", "tweets", "shakespeare")
 
 
 def test_txt_loader(tmp_path):

@@ -61,6 +61,7 @@ def test_shakespeare_splits() -> None:
         assert markup not in joined
 
 
+@pytest.mark.slow  # the first use converts the 253 MB GGUF (about 2 minutes on a fresh machine)
 def test_shakespeare_windows_shape_without_and_with_bos(gemma: ModelBundle) -> None:
     from transformers import AutoTokenizer
 
@@ -75,6 +76,7 @@ def test_shakespeare_windows_shape_without_and_with_bos(gemma: ModelBundle) -> N
 
 # --- the model ------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # the first use converts the 253 MB GGUF (about 2 minutes on a fresh machine)
 def test_gemma_alias_is_a_plain_fp32_folder(gemma: ModelBundle) -> None:
     from transformers import AutoConfig
 
@@ -91,6 +93,7 @@ def test_gemma_alias_is_a_plain_fp32_folder(gemma: ModelBundle) -> None:
     assert all(p.dtype == torch.float32 for p in gemma.model.parameters())
 
 
+@pytest.mark.slow  # the first use converts the 253 MB GGUF (about 2 minutes on a fresh machine)
 def test_gemma_tokenizer_prepends_bos(gemma: ModelBundle) -> None:
     tok = gemma.tokenizer
     assert tok.bos_token == "<bos>" and tok.bos_token_id == 2
@@ -99,6 +102,7 @@ def test_gemma_tokenizer_prepends_bos(gemma: ModelBundle) -> None:
     assert tok("To be, or not to be", add_special_tokens=False).input_ids[0] != 2
 
 
+@pytest.mark.slow  # the first use converts the 253 MB GGUF (about 2 minutes on a fresh machine)
 def test_gemma_fp32_ppl_one_short_window(gemma: ModelBundle) -> None:
     ppl = _ppl(gemma, "lee-news", 1, 128)
     assert ppl == pytest.approx(PPL[("gemma3-270m", "lee-news", 1, 128)], rel=REL)
