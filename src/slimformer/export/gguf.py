@@ -1,12 +1,13 @@
-"""GGUF export (llama.cpp's file format) of Llama-family models, carrying slimformer's own integer
-codes and scales into GGML blocks unchanged.
+"""GGUF export (llama.cpp's file format) of decoder LMs, carrying slimformer's own integer codes and
+scales into GGML blocks unchanged.
 
-Architectures: LlamaForCausalLM (SmolLM2, Llama 2/3) and MistralForCausalLM as GGUF arch `llama`,
-Qwen2ForCausalLM as `qwen2`. Tensor names and layout follow llama.cpp's converter
-(convert_hf_to_gguf.py): `token_embd`, `blk.N.attn_q/k/v/output`, `blk.N.ffn_gate/up/down`,
-`blk.N.attn_norm/ffn_norm`, `output_norm`, `output` (omitted when the embedding is tied); for
-`llama` the rows of q/k are permuted per head into ggml's rotary layout (`rope_row_order`), for
-QuantLinear by moving whole rows of codes, scales and zeros, which is exact.
+Architectures (`gguf_arch` describes each): Llama/Mistral as GGUF arch `llama`, Qwen2 `qwen2`, Qwen3
+`qwen3`, Gemma `gemma`, Gemma-2 `gemma2`, Gemma-3 text `gemma3`, Phi-3 `phi3`. Tensor names and layout
+follow llama.cpp's converter (convert_hf_to_gguf.py): `token_embd`, `blk.N.attn_q/k/v/output` (phi3:
+fused `attn_qkv`), `blk.N.ffn_gate/up/down` (phi3: fused gate|up `ffn_up`), the norms, `output_norm`,
+`output` (omitted when the embedding is tied); for `llama` the rows of q/k are permuted per head into
+ggml's rotary layout (`rope_row_order`), for QuantLinear by moving whole rows of codes, scales and
+zeros, which is exact. Gemma's norms (x * (1 + w)) are written as w + 1 in F32; weights never change.
 
 | layer | GGUF tensor |
 |---|---|
@@ -24,7 +25,9 @@ ulp_fp16(m) / 2, see `gguf_blocks`), which is also what a pruned weight (code = 
 where scale * zero does not fit fp16. Anything else is refused with a UserError naming the layer, and
 nothing is written: other bit widths, group sizes, lookup-table codes (NF4, log2, codebooks), AWQ
 input scales (a per-input-channel 1/s cannot be folded into integer codes exactly), and activation
-quantization (`dynamic`, `static`, `smoothquant`), which GGUF weights cannot carry.
+quantization (`dynamic`, `static`, `smoothquant`), which GGUF weights cannot carry. So are other
+architectures, rope scalings other than linear and (Llama) llama3, an untied Gemma/Gemma-2 head, and
+Gemma settings llama.cpp's graph does not compute (see `gguf_arch`).
 """
 
 from __future__ import annotations
@@ -44,24 +47,19 @@ from gguf.quants import quantize as ggml_quantize
 from torch import nn
 
 from slimformer.errors import UserError
+from slimformer.export.gguf_arch import (ArchSpec, Dims, Rope, arch_spec, config_warnings, expected_shape,
+                                         general_name, is_norm, model_dims, rope_plan, write_arch_metadata)
 from slimformer.export.gguf_blocks import QK, block_type, blockable, offsets_fp16, pack_blocks, per_block, rope_row_order
 from slimformer.export.gguf_vocab import vocab_metadata, write_vocab
 from slimformer.models.layout import find_blocks
 from slimformer.quant.qlinear import QuantLinear
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 UNQUANTIZED = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "q8_0": GGMLQuantizationType.Q8_0}
 FILE_TYPES = {"F32": LlamaFileType.ALL_F32, "F16": LlamaFileType.MOSTLY_F16, "Q4_0": LlamaFileType.MOSTLY_Q4_0,
               "Q4_1": LlamaFileType.MOSTLY_Q4_1, "Q5_0": LlamaFileType.MOSTLY_Q5_0,
               "Q5_1": LlamaFileType.MOSTLY_Q5_1, "Q8_0": LlamaFileType.MOSTLY_Q8_0}
 _FP16_MAX = 65504.0
 
-# module path inside a block -> GGUF leaf name (llama.cpp's tensor names for llama/qwen2)
-BLOCK_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-}
 _RECIPE_FIX = ("quantize it with `rtn` or `gptq` at bits 4 or 5 (symmetric or not) or 8 (symmetric) with a "
                "group_size that is a multiple of 32 or -1, or leave it out with `ignore`")
 
@@ -75,22 +73,8 @@ class _Tensor:
     kind: GGMLQuantizationType
 
 
-@dataclass(frozen=True)
-class _Dims:
-    """The sizes every tensor must have (one per model: GGUF's llama/qwen2 hold one head count, one FFN width)."""
-
-    arch: str
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    ffn: int
-    vocab: int
-
-
 def export_gguf(model: nn.Module, tokenizer: Any, path: Path, *, unquantized: str = "f32") -> dict[str, Any]:
-    """Write `model` (Llama, Mistral or Qwen2 causal LM, compressed or not) and its tokenizer to `path`
+    """Write `model` (a causal LM of a family in `gguf_arch.ARCHITECTURES`, compressed or not) and its tokenizer to `path`
     as GGUF. QuantLinear codes go into GGML blocks unchanged; plain float weights are written as
     `unquantized` ("f32", "f16", or "q8_0": llama.cpp's round-to-nearest Q8_0 for 2-D weights).
 
@@ -107,15 +91,20 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: Path, *, unquantized: st
         raise UserError(f"output folder '{path.parent}' does not exist.")
     if path.is_dir():
         raise UserError(f"output '{path}' is a folder; give a file name such as model.gguf.")
-    dims = _dims(model)
-    warnings = _config_warnings(model.config)
+    spec = arch_spec(model)
+    dims = model_dims(model, spec)
+    rope = rope_plan(model.config, spec, dims, type(model).__name__)
+    warnings = config_warnings(model.config, spec)
     vocab = vocab_metadata(tokenizer, dims.vocab)
-    tensors, stats = _tensors(model, dims, UNQUANTIZED[unquantized])
-    warnings += vocab.warnings + stats["warnings"]
+    tensors, stats = _tensors(model, spec, dims, UNQUANTIZED[unquantized])
+    if rope.freqs is not None:  # the converter yields its generated tensors before the model's
+        tensors.insert(0, _Tensor("rope_freqs.weight", rope.freqs, GGMLQuantizationType.F32))
+    name, renamed = general_name(model, vocab.tokens)
+    warnings += vocab.warnings + stats["warnings"] + renamed
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     writer = GGUFWriter(tmp, dims.arch)
     try:
-        _write_metadata(writer, model, dims, tensors)
+        _write_metadata(writer, model, name, spec, dims, rope, tensors)
         write_vocab(writer, vocab)
         for t in tensors:
             writer.add_tensor(t.name, t.data, raw_dtype=t.kind if t.data.dtype == np.uint8 else None)
@@ -132,54 +121,7 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: Path, *, unquantized: st
             "max_offset_rounding": stats["max_offset_rounding"], "warnings": warnings}
 
 
-def _dims(model: nn.Module) -> _Dims:
-    """The architecture and sizes from the config; UserError for other architectures or rope variants."""
-    name = type(model).__name__
-    config = getattr(model, "config", None)
-    if name not in ARCHITECTURES or config is None:
-        raise UserError(f"GGUF export writes {', '.join(ARCHITECTURES)}; this model is {name}. Export it with "
-                        "`--format hf` or `--format onnx` instead.")
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise UserError(f"{name} uses rope scaling {rope.get('rope_type', rope.get('type'))!r}; GGUF export "
-                        "writes plain rotary embeddings only (rope_type 'default').")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise UserError(f"{name} uses hidden_act {config.hidden_act!r}; llama.cpp's {ARCHITECTURES[name]} computes silu.")
-    heads = int(config.num_attention_heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    return _Dims(ARCHITECTURES[name], int(config.num_hidden_layers), int(config.hidden_size), heads,
-                 int(getattr(config, "num_key_value_heads", None) or heads), head_dim, int(config.intermediate_size),
-                 int(model.get_input_embeddings().weight.shape[0]))
-
-
-def _config_warnings(config: Any) -> list[str]:
-    """What the file does not carry but llama.cpp runs without (a sliding attention window)."""
-    window = getattr(config, "sliding_window", None)
-    used = getattr(config, "use_sliding_window", True)
-    if window and used and window < getattr(config, "max_position_embeddings", 0):
-        return [f"sliding_window {window} is not written (llama.cpp's llama/qwen2 attend to the whole context): "
-                f"outputs differ past {window} tokens"]
-    return []
-
-
-def _rope_order(leaf: str, dims: _Dims) -> torch.Tensor | None:
-    """The q/k row permutation llama.cpp applies for arch `llama` (none for qwen2)."""
-    if dims.arch != "llama" or leaf not in ("attn_q", "attn_k"):
-        return None
-    heads = dims.heads if leaf == "attn_q" else dims.kv_heads
-    return rope_row_order(heads * dims.head_dim, heads)
-
-
-def _expected_shape(leaf: str, dims: _Dims) -> tuple[int, ...]:
-    q, kv = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
-    return {"attn_q": (q, dims.hidden), "attn_k": (kv, dims.hidden), "attn_v": (kv, dims.hidden),
-            "attn_output": (dims.hidden, q), "ffn_gate": (dims.ffn, dims.hidden), "ffn_up": (dims.ffn, dims.hidden),
-            "ffn_down": (dims.hidden, dims.ffn), "attn_norm": (dims.hidden,), "ffn_norm": (dims.hidden,),
-            "output_norm": (dims.hidden,), "token_embd": (dims.vocab, dims.hidden),
-            "output": (dims.vocab, dims.hidden)}[leaf]
-
-
-def _named_parts(model: nn.Module, dims: _Dims) -> list[tuple[str, str, nn.Module]]:
+def _named_parts(model: nn.Module, spec: ArchSpec, dims: Dims) -> list[tuple[str, str, nn.Module]]:
     """(HF module name, GGUF base name, module) for every module holding tensors, in the model's order;
     UserError for one that has no GGUF name, or a block count the config does not state."""
     prefix, blocks = find_blocks(model)
@@ -189,11 +131,16 @@ def _named_parts(model: nn.Module, dims: _Dims) -> list[tuple[str, str, nn.Modul
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     names: dict[int, str | None] = {id(embed): "token_embd"}
     if head is not None:  # a tied head shares the embedding's tensor: llama.cpp then reuses token_embd
-        names[id(head)] = None if head.weight is embed.weight else "output"
+        tied = head.weight is embed.weight
+        if not tied and not spec.has_output:
+            raise UserError(f"the output head is not tied to the embedding, but llama.cpp's {spec.arch} always "
+                            "computes logits with token_embd; tie them (as the released models are) or export "
+                            "with `--format hf`.")
+        names[id(head)] = None if tied else "output"
     base = prefix.rpartition(".")[0]
     names[id(model.get_submodule(f"{base}.norm" if base else "norm"))] = "output_norm"
     for i, block in enumerate(blocks):
-        for path, leaf in BLOCK_NAMES.items():
+        for path, leaf in spec.blocks.items():
             names[id(block.get_submodule(path))] = f"blk.{i}.{leaf}"
     parts = []
     for name in dict.fromkeys(key.rpartition(".")[0] for key in model.state_dict()):  # modules with tensors
@@ -205,24 +152,29 @@ def _named_parts(model: nn.Module, dims: _Dims) -> list[tuple[str, str, nn.Modul
     return parts
 
 
-def _tensors(model: nn.Module, dims: _Dims, unquantized: GGMLQuantizationType) -> tuple[list[_Tensor], dict]:
+def _tensors(
+    model: nn.Module, spec: ArchSpec, dims: Dims, unquantized: GGMLQuantizationType
+) -> tuple[list[_Tensor], dict]:
     """Every GGUF tensor, in the model's order, with how many came from codes and the offset rounding."""
     out, stats = [], {"from_codes": 0, "max_offset_rounding": 0.0, "warnings": []}
-    for name, base, module in _named_parts(model, dims):
+    for name, base, module in _named_parts(model, spec, dims):
         leaf = base.rpartition(".")[2]
         coded = getattr(module, "is_slimformer_linear", False)
         shape = (module.out_features, module.in_features) if coded else tuple(module.weight.shape)
-        if shape != _expected_shape(leaf, dims):
-            raise UserError(f"'{name}' has shape {shape}, but the config describes {_expected_shape(leaf, dims)}; GGUF "
+        want = expected_shape(leaf, dims, spec)
+        if shape != want:
+            raise UserError(f"'{name}' has shape {shape}, but the config describes {want}; GGUF "
                             "holds one size per model: sync the config after uniform structural pruning, or keep "
                             "the slimformer folder.")
-        order = _rope_order(leaf, dims)
+        order = _rope_order(leaf, spec, dims)
         if coded:
             data, kind, offset_err = _quant_blocks(name, _check_quant(name, module), order)
             stats["from_codes"] += 1
             stats["max_offset_rounding"] = max(stats["max_offset_rounding"], offset_err)
         else:
             w = module.weight.detach().float()
+            if is_norm(leaf) and spec.norm_shift:  # Gemma: x * (1 + w), in fp32 as HF computes it
+                w = w + spec.norm_shift
             data, kind, note = _float_tensor(name, w if order is None else w[order], unquantized)
             stats["warnings"] += note
         out.append(_Tensor(f"{base}.weight", data, kind))
@@ -231,6 +183,14 @@ def _tensors(model: nn.Module, dims: _Dims, unquantized: GGMLQuantizationType) -
             b = bias.detach().float()
             out.append(_Tensor(f"{base}.bias", (b if order is None else b[order]).numpy(), GGMLQuantizationType.F32))
     return out, stats
+
+
+def _rope_order(leaf: str, spec: ArchSpec, dims: Dims) -> torch.Tensor | None:
+    """The q/k row permutation llama.cpp applies for arch `llama` (none for NeoX-rotary archs)."""
+    if not spec.permute_qk or leaf not in ("attn_q", "attn_k"):
+        return None
+    heads = dims.heads if leaf == "attn_q" else dims.kv_heads
+    return rope_row_order(heads * dims.head_dim, heads)
 
 
 def _check_quant(name: str, layer: nn.Module) -> QuantLinear:
@@ -307,11 +267,13 @@ def _float_tensor(
     return w.numpy().astype(np.float16), GGMLQuantizationType.F16, notes
 
 
-def _write_metadata(writer: GGUFWriter, model: nn.Module, dims: _Dims, tensors: list[_Tensor]) -> None:
+def _write_metadata(
+    writer: GGUFWriter, model: nn.Module, name: str, spec: ArchSpec, dims: Dims, rope: Rope, tensors: list[_Tensor]
+) -> None:
     """general.* and {arch}.* keys, as llama.cpp's converter writes them."""
     config = model.config
     writer.add_type("model")
-    writer.add_name(str(getattr(config, "_name_or_path", "") or type(model).__name__).rstrip("/").rpartition("/")[2])
+    writer.add_name(name)
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(dims.hidden)
     writer.add_block_count(dims.layers)
@@ -319,12 +281,7 @@ def _write_metadata(writer: GGUFWriter, model: nn.Module, dims: _Dims, tensors: 
     writer.add_head_count(dims.heads)
     writer.add_head_count_kv(dims.kv_heads)
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    rope = getattr(config, "rope_parameters", None) or {}
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
-    writer.add_rope_dimension_count(dims.head_dim)
-    if dims.head_dim != dims.hidden // dims.heads:  # llama.cpp assumes hidden / heads otherwise
-        writer.add_key_length(dims.head_dim)
-        writer.add_value_length(dims.head_dim)
+    write_arch_metadata(writer, config, dims, spec, rope)
     writer.add_vocab_size(dims.vocab)
     writer.add_file_type(_file_type(tensors))
     writer.add_quantization_version(GGML_QUANT_VERSION)
