@@ -507,8 +507,8 @@ def test_refused_architecture_and_arguments(smollm_bundle, tmp_path) -> None:
         export_gguf(model, None, tmp_path / "x.gguf")
     with pytest.raises(UserError, match="does not exist"):
         export_gguf(model, smollm_bundle.tokenizer, tmp_path / "missing" / "x.gguf")
-    model.config.rope_parameters = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}
-    with pytest.raises(UserError, match="rope scaling 'llama3'"):
+    model.config.rope_parameters = {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0}
+    with pytest.raises(UserError, match="rope scaling 'yarn'"):
         export_gguf(model, smollm_bundle.tokenizer, tmp_path / "x.gguf")
     assert list(tmp_path.iterdir()) == []
 
