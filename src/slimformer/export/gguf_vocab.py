@@ -134,8 +134,10 @@ def pre_tokenizer_name(spec: dict, tokens: list[str]) -> str | None:
 
 
 def _looks_special(text: str) -> bool:
-    """llama.cpp's converter also marks these added tokens as control tokens."""
-    return text in ("<pad>", "<mask>") or (text.startswith("<|") and text.endswith("|>"))
+    """llama.cpp's converter also marks these added tokens as control tokens, special or not: some
+    tokenizers (Gemma's `<unused…>`, `<mask>`; DeepSeek-Coder's `<pad>`) leave them unmarked."""
+    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (text.startswith("<|") and text.endswith("|>"))
+            or (text.startswith("<\uff5c") and text.endswith("\uff5c>")) or (text.startswith("<unused") and text.endswith(">")))
 
 
 def _tokens(tokenizer: Any, spec: dict, n_vocab: int, model: str) -> tuple[list[str], list[int]]:
@@ -151,8 +153,8 @@ def _tokens(tokenizer: Any, spec: dict, n_vocab: int, model: str) -> tuple[list[
         text = by_id.get(i)
         if text is None:
             text, kind = f"[PAD{i}]", TokenType.UNUSED
-        elif model == "llama" and i == unk:
-            kind = TokenType.UNKNOWN
+        elif model == "llama" and i == unk and not (i in added and added[i].get("special")):
+            kind = TokenType.UNKNOWN  # a special <unk> (Gemma's, Llama 2's) is a control token, as the converter writes it
         elif model == "llama" and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
             kind = TokenType.BYTE  # even when also an added token: llama.cpp's byte fallback looks these up
         elif i in added:
