@@ -28,6 +28,15 @@ input scales (a per-input-channel 1/s cannot be folded into integer codes exactl
 quantization (`dynamic`, `static`, `smoothquant`), which GGUF weights cannot carry. So are other
 architectures, rope scalings other than linear and (Llama) llama3, an untied Gemma/Gemma-2 head, and
 Gemma settings llama.cpp's graph does not compute (see `gguf_arch`).
+
+Structurally pruned models: the head counts and FFN widths are read from each block's weights (a
+per-block pruned model keeps the original sizes in its config). Blocks of one size are written as
+usual at that size. Blocks of different sizes are written with per-layer arrays for
+`{arch}.feed_forward_length` / `attention.head_count(_kv)` as GGUF arch `deci` for Llama/Mistral:
+llama.cpp's loader reads such arrays for every arch, but only some graphs use them per layer
+(models/deci.cpp: hparams.n_head(il), n_ff(il); models/llama.cpp, qwen2, qwen3, gemma*, phi3 size
+every block by layer 0's), so other architectures are refused, as are blocks left without heads or
+neurons.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +71,27 @@ _FP16_MAX = 65504.0
 
 _RECIPE_FIX = ("quantize it with `rtn` or `gptq` at bits 4 or 5 (symmetric or not) or 8 (symmetric) with a "
                "group_size that is a multiple of 32 or -1, or leave it out with `ignore`")
+_VARYING = ("heads", "kv_heads", "ffn")  # the sizes structured pruning changes per block
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """The file-level sizes (layer 0's where blocks differ) and each block's own."""
+
+    file: Dims
+    blocks: tuple[Dims, ...]
+
+    def varying(self) -> list[str]:
+        return [k for k in _VARYING if len({getattr(b, k) for b in self.blocks}) > 1]
+
+    def per_layer(self, key: str) -> int | list[int]:
+        """One number, or one per block where the blocks differ (llama.cpp's get_key_or_arr)."""
+        values = [int(getattr(b, key)) for b in self.blocks]
+        return values if len(set(values)) > 1 else values[0]
+
+    def of(self, base: str) -> Dims:
+        """The sizes tensor `base` (blk.N.* or a model-wide one) must have."""
+        return self.blocks[int(base.split(".")[1])] if base.startswith("blk.") else self.file
 
 
 @dataclass
@@ -92,11 +122,12 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: Path, *, unquantized: st
     if path.is_dir():
         raise UserError(f"output '{path}' is a folder; give a file name such as model.gguf.")
     spec = arch_spec(model)
-    dims = model_dims(model, spec)
+    sizes = _sizes(model, spec, model_dims(model, spec))
+    dims = sizes.file
     rope = rope_plan(model.config, spec, dims, type(model).__name__)
     warnings = config_warnings(model.config, spec)
     vocab = vocab_metadata(tokenizer, dims.vocab)
-    tensors, stats = _tensors(model, spec, dims, UNQUANTIZED[unquantized])
+    tensors, stats = _tensors(model, spec, sizes, UNQUANTIZED[unquantized])
     if rope.freqs is not None:  # the converter yields its generated tensors before the model's
         tensors.insert(0, _Tensor("rope_freqs.weight", rope.freqs, GGMLQuantizationType.F32))
     name, renamed = general_name(model, vocab.tokens)
@@ -104,7 +135,7 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: Path, *, unquantized: st
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     writer = GGUFWriter(tmp, dims.arch)
     try:
-        _write_metadata(writer, model, name, spec, dims, rope, tensors)
+        _write_metadata(writer, model, name, spec, sizes, rope, tensors)
         write_vocab(writer, vocab)
         for t in tensors:
             writer.add_tensor(t.name, t.data, raw_dtype=t.kind if t.data.dtype == np.uint8 else None)
@@ -119,6 +150,59 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: Path, *, unquantized: st
     return {"path": str(path), "bytes": path.stat().st_size, "seconds": round(time.perf_counter() - start, 2),
             "tensors": dict(Counter(t.kind.name for t in tensors)), "layers_from_codes": stats["from_codes"],
             "max_offset_rounding": stats["max_offset_rounding"], "warnings": warnings}
+
+
+def _matrix_shape(module: nn.Module) -> tuple[int, ...]:
+    """(rows, columns) of a layer as torch stores its weight; codes and plain weights alike."""
+    if getattr(module, "is_slimformer_linear", False):
+        return (module.out_features, module.in_features)
+    return tuple(module.weight.shape)
+
+
+def _sizes(model: nn.Module, spec: ArchSpec, dims: Dims) -> _Sizes:
+    """Each block's head counts and FFN width from its weights (the config may hold the unpruned ones);
+    UserError for blocks llama.cpp cannot build: empty, or of different sizes where its graph takes one."""
+    _, blocks = find_blocks(model)
+    path = {leaf: p for p, leaf in spec.blocks.items()}
+    per_block = []
+    for i, block in enumerate(blocks):
+        if spec.fused:  # phi3: q|k|v in one matrix; structured pruning does not resize it (models.structure)
+            per_block.append(dims)
+            continue
+        q, k = (_matrix_shape(block.get_submodule(path[leaf]))[0] for leaf in ("attn_q", "attn_k"))
+        ffn = _matrix_shape(block.get_submodule(path["ffn_down"]))[1]
+        d = dims.head_dim
+        if q % d or k % d:
+            raise UserError(f"block {i}: q/k projections have {q}/{k} rows, not whole heads of head_dim {d}.")
+        heads, kv = q // d, k // d
+        if min(heads, kv, ffn) == 0:
+            raise UserError(f"block {i} has {heads} attention heads, {kv} key/value heads and {ffn} FFN neurons "
+                            f"left; llama.cpp's {dims.arch} computes attention and an FFN in every block. Keep at "
+                            "least one of each (slimformer's `heads`/`neurons` do), or remove the block with `layers`.")
+        if heads % kv:
+            raise UserError(f"block {i}: {heads} query heads do not share {kv} key/value heads evenly.")
+        per_block.append(replace(dims, heads=heads, kv_heads=kv, ffn=ffn))
+    sizes = _Sizes(per_block[0], tuple(per_block))
+    if sizes.varying():
+        sizes = _per_layer(model, spec, sizes)
+    if sizes.file != dims and spec.check is not None:  # the arch's own limits, on the sizes really written
+        spec.check(model.config, sizes.file)
+    return sizes
+
+
+def _per_layer(model: nn.Module, spec: ArchSpec, sizes: _Sizes) -> _Sizes:
+    """Blocks of different sizes under the arch whose graph reads them per layer; else UserError."""
+    varying = sizes.varying()
+    values = "; ".join(f"{k} per block {[getattr(b, k) for b in sizes.blocks]}" for k in varying)
+    differ = [i for i, b in enumerate(sizes.blocks) if any(getattr(b, k) != getattr(sizes.file, k) for k in varying)]
+    if spec.per_layer_arch is None:
+        raise UserError(f"{type(model).__name__}'s blocks differ in size ({values}: blocks {differ} differ from "
+                        f"block 0), but llama.cpp's {spec.arch} builds every block with layer 0's head counts and "
+                        "FFN width (its loader reads per-layer arrays, its graph does not use them). Prune with the "
+                        "same sizes in every block (`scope: layer`), or keep the slimformer folder / export with "
+                        "`--format onnx`.")
+    arch = spec.per_layer_arch
+    return _Sizes(replace(sizes.file, arch=arch), tuple(replace(b, arch=arch) for b in sizes.blocks))
 
 
 def _named_parts(model: nn.Module, spec: ArchSpec, dims: Dims) -> list[tuple[str, str, nn.Module]]:
@@ -153,19 +237,19 @@ def _named_parts(model: nn.Module, spec: ArchSpec, dims: Dims) -> list[tuple[str
 
 
 def _tensors(
-    model: nn.Module, spec: ArchSpec, dims: Dims, unquantized: GGMLQuantizationType
+    model: nn.Module, spec: ArchSpec, sizes: _Sizes, unquantized: GGMLQuantizationType
 ) -> tuple[list[_Tensor], dict]:
     """Every GGUF tensor, in the model's order, with how many came from codes and the offset rounding."""
     out, stats = [], {"from_codes": 0, "max_offset_rounding": 0.0, "warnings": []}
-    for name, base, module in _named_parts(model, spec, dims):
-        leaf = base.rpartition(".")[2]
+    for name, base, module in _named_parts(model, spec, sizes.file):
+        leaf, dims = base.rpartition(".")[2], sizes.of(base)
         coded = getattr(module, "is_slimformer_linear", False)
-        shape = (module.out_features, module.in_features) if coded else tuple(module.weight.shape)
+        shape = _matrix_shape(module)
         want = expected_shape(leaf, dims, spec)
         if shape != want:
-            raise UserError(f"'{name}' has shape {shape}, but the config describes {want}; GGUF "
-                            "holds one size per model: sync the config after uniform structural pruning, or keep "
-                            "the slimformer folder.")
+            raise UserError(f"'{name}' has shape {shape}, but llama.cpp's {dims.arch} builds {want} from its "
+                            f"block's sizes (hidden {dims.hidden}, heads {dims.heads}/{dims.kv_heads} of "
+                            f"{dims.head_dim}, FFN {dims.ffn}); keep the slimformer folder.")
         order = _rope_order(leaf, spec, dims)
         if coded:
             data, kind, offset_err = _quant_blocks(name, _check_quant(name, module), order)
@@ -268,18 +352,18 @@ def _float_tensor(
 
 
 def _write_metadata(
-    writer: GGUFWriter, model: nn.Module, name: str, spec: ArchSpec, dims: Dims, rope: Rope, tensors: list[_Tensor]
+    writer: GGUFWriter, model: nn.Module, name: str, spec: ArchSpec, sizes: _Sizes, rope: Rope, tensors: list[_Tensor]
 ) -> None:
-    """general.* and {arch}.* keys, as llama.cpp's converter writes them."""
-    config = model.config
+    """general.* and {arch}.* keys, as llama.cpp's converter writes them (per-layer arrays as its DeciModel)."""
+    config, dims = model.config, sizes.file
     writer.add_type("model")
     writer.add_name(name)
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(dims.hidden)
     writer.add_block_count(dims.layers)
-    writer.add_feed_forward_length(dims.ffn)
-    writer.add_head_count(dims.heads)
-    writer.add_head_count_kv(dims.kv_heads)
+    writer.add_feed_forward_length(sizes.per_layer("ffn"))
+    writer.add_head_count(sizes.per_layer("heads"))
+    writer.add_head_count_kv(sizes.per_layer("kv_heads"))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     write_arch_metadata(writer, config, dims, spec, rope)
     writer.add_vocab_size(dims.vocab)

@@ -84,6 +84,9 @@ class ArchSpec:
     head_dim_keys: bool = False  # key_length/value_length written even when head_dim = hidden / heads
     llama3_rope: bool = False  # llama.cpp's loader reads `rope_freqs`
     carries_swa: bool = False  # llama.cpp runs the sliding window from the file
+    # llama.cpp arch whose loader and graph take per-layer head counts / FFN widths for these blocks
+    # (llama: `deci`, models/deci.cpp: hparams.n_head(il), n_ff(il)); None: one size per model
+    per_layer_arch: str | None = None
     check: Callable[[Any, Dims], None] | None = field(default=None, compare=False)  # refuses what llama.cpp can't run
     extra: Callable[[GGUFWriter, Any, Dims], None] | None = field(default=None, compare=False)  # {arch}.* keys
 
@@ -155,8 +158,10 @@ def _check_period(config: Any, dims: Dims, period: int) -> None:
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "LlamaForCausalLM": ArchSpec("llama", {**_ATTN, **_MLP, **_NORMS}, permute_qk=True, llama3_rope=True),
-    "MistralForCausalLM": ArchSpec("llama", {**_ATTN, **_MLP, **_NORMS}, permute_qk=True, llama3_rope=True),
+    "LlamaForCausalLM": ArchSpec("llama", {**_ATTN, **_MLP, **_NORMS}, permute_qk=True, llama3_rope=True,
+                                 per_layer_arch="deci"),
+    "MistralForCausalLM": ArchSpec("llama", {**_ATTN, **_MLP, **_NORMS}, permute_qk=True, llama3_rope=True,
+                                   per_layer_arch="deci"),
     "Qwen2ForCausalLM": ArchSpec("qwen2", {**_ATTN, **_MLP, **_NORMS}),
     "Qwen3ForCausalLM": ArchSpec("qwen3", {**_ATTN, **_QK_NORM, **_MLP, **_NORMS}, head_dim_keys=True),
     "GemmaForCausalLM": ArchSpec("gemma", {**_ATTN, **_MLP, **_NORMS}, activation="gelu_pytorch_tanh",
