@@ -231,7 +231,7 @@ def export(
 
 def export_gguf_file(model: str | Path | ModelBundle, output: str | Path, *, overwrite: bool = False,
                      unquantized: str = "f32", threads: int | None = None) -> dict[str, Any]:
-    """Write a GGUF file (Llama, Mistral, Qwen2 families): our 4/5/8-bit codes and fp16 scales as
+    """Write a GGUF file (the architectures of export.gguf_arch): our 4/5/8-bit codes and fp16 scales as
     Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks unchanged; what GGUF cannot hold exactly is refused (UserError,
     nothing written). Where llama.cpp is installed, its logits are compared with PyTorch's on real
     text before the file is renamed into place (`parity`)."""
