@@ -480,7 +480,7 @@ REFUSALS = [
     pytest.param(lambda m: rtn(m, RTNConfig(bits=8, group_size=32, symmetric=False)), r"8-bit asymmetric", id="8-bit-asym"),
     pytest.param(lambda m: rtn(m, RTNConfig(bits=4, group_size=48)), r"q_proj' has group_size 48 .*multiple of 32", id="group-48"),
     pytest.param(lambda m: rtn(m, RTNConfig(bits=4, group_size=16)), r"group_size 16", id="group-16"),
-    pytest.param(_awq_layer, r"layers\.1\.mlp\.up_proj' has an AWQ input scale.*`rtn` or `gptq`", id="awq"),
+    pytest.param(_awq_layer, r"layers\.1\.mlp\.up_proj' has an AWQ input scale.*`fold: true`", id="awq"),
     pytest.param(lambda m: dynamic(m, DynamicConfig()), r"q_proj' quantizes its activations \(dynamic", id="dynamic"),
     pytest.param(_static_layer, r"v_proj' quantizes its activations \(static 8-bit", id="static"),
     pytest.param(lambda m: nf4(m, NF4Config(group_size=32)), r"q_proj' is a LUTLinear", id="nf4"),

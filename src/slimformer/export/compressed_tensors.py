@@ -83,8 +83,9 @@ def layer_scheme(name: str, layer: nn.Module) -> Scheme:
     if layer.input_scale is not None:
         raise UserError(f"layer '{name}' keeps a per-input-channel scale (AWQ or SmoothQuant: it computes "
                         "x / s against codes of W * s). The format has no such scale and a quantized weight cannot "
-                        "absorb 1/s exactly; export it with --format hf or onnx, or quantize with rtn/gptq "
-                        "(weight-only) or static/dynamic (W8A8) instead.")
+                        "absorb 1/s exactly; run `awq` with `fold: true` (the scale folded into the norm or linear before "
+                        "it), quantize with rtn/gptq (weight-only) or static/dynamic (W8A8), or export with --format hf "
+                        "or onnx.")
     if getattr(layer, "minimum", None) is not None:
         raise UserError(f"layer '{name}' has a float minimum per group (zero_point: float, llama.cpp's Q4_1 form: "
                         "w = scale * q + m); compressed-tensors stores integer zero points only. Requantize with "

@@ -291,8 +291,8 @@ def _check_quant(name: str, layer: nn.Module) -> QuantLinear:
                         f"{_RECIPE_FIX}.")
     if layer.input_scale is not None:
         raise UserError(f"layer '{name}' has an AWQ input scale (codes quantize W * s per input channel); 1/s cannot be "
-                        "folded into integer codes exactly, so GGML blocks cannot hold it. Use `rtn` or `gptq` instead "
-                        "of `awq`, or export with `--format hf` (which folds the scale into a dense weight).")
+                        "folded into integer codes exactly, so GGML blocks cannot hold it. Run `awq` with `fold: true` "
+                        "(one scale per shared input, folded into the norm or linear before it), or use `rtn`/`gptq`.")
     if block_type(layer.bits, layer.symmetric) is None:
         sym = "symmetric" if layer.symmetric else "asymmetric"
         raise UserError(f"layer '{name}' holds {layer.bits}-bit {sym} codes; GGML blocks hold 4- or 5-bit codes "
