@@ -29,7 +29,7 @@ def test_config_rejects_bad_values() -> None:
 def test_awq_w4_g128_beats_rtn_and_round_trips(smollm_bundle, smollm_windows, tmp_path) -> None:
     ctx = StepContext(tokenizer=smollm_bundle.tokenizer, calib=load_data("lee-news", "calib"), progress=False)
     model = copy.deepcopy(smollm_bundle.model)
-    info = awq(model, AWQConfig(bits=4, group_size=128, num_samples=8, grid=10), ctx)  # a coarser grid: CI time
+    info = awq(model, AWQConfig(bits=4, group_size=128, num_samples=8, grid=10, fold=False), ctx)  # a coarser grid: CI time
     assert info["layers"] == 210 and 0 < info["mean_alpha"] < 1 and info["mean_error_vs_rtn"] < 0.9
     assert all(m.input_scale is not None for m in model.modules() if isinstance(m, QuantLinear))
     ppl_awq = perplexity(model, smollm_windows, progress=False)["ppl"]
@@ -54,7 +54,7 @@ def test_awq_with_llama_cpp_rules_round_trips(smollm_bundle, tmp_path, rules: di
     ctx = StepContext(tokenizer=smollm_bundle.tokenizer, calib=load_data("lee-news", "calib"), progress=False)
     targets = ("model.layers.0.self_attn.o_proj", "model.layers.0.mlp.up_proj")
     model = copy.deepcopy(smollm_bundle.model)
-    config = AWQConfig(bits=4, group_size=64, num_samples=2, seq_len=128, grid=4, targets=targets, **rules)
+    config = AWQConfig(bits=4, group_size=64, num_samples=2, seq_len=128, grid=4, targets=targets, fold=False, **rules)
     info = awq(model, config, ctx)
     assert info["layers"] == 2 and info["mean_error_vs_rtn"] <= 1.0
     layer = model.get_submodule(targets[1])
