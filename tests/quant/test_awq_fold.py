@@ -117,6 +117,25 @@ def test_fold_refuses_an_unknown_block() -> None:
         awq(model, AWQConfig(num_samples=2, seq_len=64, fold=True), _ctx())
 
 
+def test_fold_auto_folds_llama_blocks_and_falls_back_elsewhere() -> None:
+    """The default, fold: auto: folded where the blocks allow it, per-layer input scales (and the
+    reason in the step's info) where they do not, e.g. GPT-2 blocks or a split group."""
+    assert AWQConfig().fold == "auto"
+    llama = _llama(2)
+    info = awq(llama, AWQConfig(bits=4, group_size=16, num_samples=2, seq_len=64, grid=2), _ctx())
+    assert info["fold"] is True and "fold_auto" not in info
+    assert all(m.input_scale is None for m in llama.modules() if isinstance(m, QuantLinear))
+    split = _llama(2)
+    info = awq(split, AWQConfig(bits=4, group_size=16, num_samples=2, seq_len=64, grid=2,
+                                targets=("self_attn.q_proj",)), _ctx())
+    assert info["fold"] is False and "q_proj but not self_attn.k_proj" in info["fold_auto"]
+    assert all(m.input_scale is not None for m in split.modules() if isinstance(m, QuantLinear))
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4)).eval()
+    info = awq(gpt2, AWQConfig(bits=4, group_size=16, num_samples=2, seq_len=64, grid=2), _ctx())
+    assert info["fold"] is False and "GPT2Block" in info["fold_auto"] and info["layers"] > 0
+
+
 @pytest.mark.slow
 def test_fold_w4_g128_beats_rtn_on_smollm(smollm_bundle, smollm_windows) -> None:
     ctx = StepContext(tokenizer=smollm_bundle.tokenizer, calib=load_data("lee-news", "calib"), progress=False)

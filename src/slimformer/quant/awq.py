@@ -4,7 +4,7 @@ layer-wise calibration engine."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -12,6 +12,7 @@ from torch import nn
 from slimformer.calibrate import observe_linears, run_on_targets
 from slimformer.config import TargetedConfig, check_positive
 from slimformer.context import StepContext
+from slimformer.errors import UserError
 from slimformer.models.layout import find_blocks, select_linears, weight_view
 from slimformer.quant.awq_fold import (
     FoldGroup, active_groups, can_fold, fold_groups, fold_scale, joint_search, scaled_moment,
@@ -30,9 +31,11 @@ class AWQConfig(TargetedConfig):
     """bits/group_size/symmetric/scale_rule/zero_point as in `rtn`. grid: alpha values tried in
     [0, 1] (grid + 1 of them). duo: also try scales divided by the weight's per-channel magnitude (see awq_math).
     clip: then shrink each group's range where that lowers the output error (AWQ's auto_clip).
-    fold (default true): the reference AWQ form (awq_fold): layers reading one input share one scale,
+    fold: true: the reference AWQ form (awq_fold): layers reading one input share one scale,
     folded into the norm or linear producing that input, so the layers carry no `input_scale` and
-    export anywhere; false: each layer searches and keeps its own `input_scale` vector.
+    export anywhere (Llama-style blocks only; refused elsewhere); false: each layer searches and
+    keeps its own `input_scale` vector (any architecture); "auto" (default): true where the blocks
+    and targets allow it, else false, and the step's report says why.
     num_samples/seq_len: calibration windows (DESIGN default: 64 x 512)."""
 
     bits: int = 4
@@ -43,7 +46,8 @@ class AWQConfig(TargetedConfig):
     grid: int = 20
     duo: bool = True
     clip: bool = True
-    fold: bool = True  # measured within 0.5% of fold: false on SmolLM2 (docs/quantization.md), and exportable
+    # folded: measured within 0.5% of fold: false on SmolLM2 (docs/quantization.md), and exportable
+    fold: bool | Literal["auto"] = "auto"
     num_samples: int = 64
     seq_len: int = 512
 
@@ -85,14 +89,13 @@ def awq(model: nn.Module, config: AWQConfig, ctx: StepContext | None = None) -> 
     `fold: true`: the reference implementation's form (`awq_fold`), for Llama-style blocks only.
     """
     selected = select_linears(model, config.targets, config.ignore)
-    if config.fold:
-        _check_fold(model, selected)
+    fold, why_not = _fold_mode(model, selected, config.fold)
     windows = calibration_inputs(ctx, config.num_samples, config.seq_len, "awq")
 
     def process(index: int, block: nn.Module, inputs, layers: dict[str, nn.Module]) -> dict[str, Any]:
         stats = _ActivationStats()
         observe_linears(block, layers, inputs, stats)
-        run = _folded_block if config.fold else _per_layer
+        run = _folded_block if fold else _per_layer
         return {"block": index, "layers": len(layers), **run(model, index, block, layers, stats, config)}
 
     infos = run_on_targets(model, selected, windows, process, ctx)
@@ -101,11 +104,27 @@ def awq(model: nn.Module, config: AWQConfig, ctx: StepContext | None = None) -> 
     n, m = max(1, len(alphas)), max(1, len(ratios))
     out = {"layers": sum(i.get("layers", 0) for i in infos), "calib_windows": int(windows.shape[0]),
            "bits": config.bits, "group_size": config.group_size, "symmetric": config.symmetric, **rule_info(config),
-           "fold": config.fold, "mean_alpha": round(sum(alphas) / n, 3), "mean_error_vs_rtn": round(sum(ratios) / m, 3),
+           "fold": fold, "mean_alpha": round(sum(alphas) / n, 3), "mean_error_vs_rtn": round(sum(ratios) / m, 3),
            "duo_layers": sum(i.get("duo", 0) for i in infos)}
-    if config.fold:  # o_proj under grouped-query attention: quantized with s = 1 (see awq_fold)
+    if fold:  # o_proj under grouped-query attention: quantized with s = 1 (see awq_fold)
         out["unscaled_layers"] = sum(i.get("unscaled", 0) for i in infos)
+    if why_not:
+        out["fold_auto"] = why_not
     return out
+
+
+def _fold_mode(model: nn.Module, selected: dict[str, nn.Module], fold: bool | str) -> tuple[bool, str | None]:
+    """(fold or not, why "auto" chose not to). `fold: true` refuses unfoldable blocks before any work."""
+    if fold is True:
+        _check_fold(model, selected)
+        return True, None
+    if fold is False:
+        return False, None
+    try:
+        _check_fold(model, selected)
+    except UserError as error:  # per-layer input scales work everywhere; say why they were used
+        return False, f"per-layer input scales: {error}"
+    return True, None
 
 
 def _per_layer(model: nn.Module, index: int, block: nn.Module, layers: dict[str, nn.Module],
