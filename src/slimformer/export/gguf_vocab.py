@@ -153,8 +153,8 @@ def _tokens(tokenizer: Any, spec: dict, n_vocab: int, model: str) -> tuple[list[
         text = by_id.get(i)
         if text is None:
             text, kind = f"[PAD{i}]", TokenType.UNUSED
-        elif model == "llama" and i == unk and not (i in added and added[i].get("special")):
-            kind = TokenType.UNKNOWN  # a special <unk> (Gemma's, Llama 2's) is a control token, as the converter writes it
+        elif model == "llama" and i == unk:
+            kind = TokenType.UNKNOWN  # the converter makes a special <unk> control; only token_to_piece tells them apart
         elif model == "llama" and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
             kind = TokenType.BYTE  # even when also an added token: llama.cpp's byte fallback looks these up
         elif i in added:
