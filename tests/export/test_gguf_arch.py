@@ -14,8 +14,8 @@ import transformers
 from gguf.quants import dequantize
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from slimformer.data.sources import load_data
-from slimformer.data.windows import lm_windows
+from small_vocab import small_bpe, windows
+
 from slimformer.errors import UserError
 from slimformer.export.gguf import export_gguf
 from slimformer.quant.qlinear import QuantLinear
@@ -53,25 +53,13 @@ LLAMA_CPP_MIN_COSINE = 0.999
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    """A 1024-token byte-level BPE (SmolLM2's pre-tokenizer) trained on lee-news: the export path of
-    SmolLM2's own 49152-token vocabulary is pinned in test_gguf.py, and at that size gguf-py alone
-    takes ~4.5 s to parse each file, which six architectures cannot afford here."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(load_data("lee-news", "eval").texts[20:300], trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>",
-                                                eos_token="<|endoftext|>")
+def tokenizer() -> transformers.PreTrainedTokenizerFast:
+    return small_bpe(VOCAB, slice(20, 300), split_digits=True)
 
 
 @pytest.fixture(scope="module")
 def ids(tokenizer) -> torch.Tensor:
-    return lm_windows(tokenizer, load_data("lee-news", "eval").joined(), 64, max_windows=2)  # (2, 64)
+    return windows(tokenizer)  # (2, 64)
 
 
 def _build(case: str, **overrides) -> transformers.PreTrainedModel:

@@ -16,8 +16,9 @@ from gguf.quants import dequantize
 from torch import nn
 
 from slimformer.context import StepContext
+from small_vocab import small_bpe, windows
+
 from slimformer.data.sources import load_data
-from slimformer.data.windows import lm_windows
 from slimformer.errors import UserError
 from slimformer.export.gguf import export_gguf
 from slimformer.models.structure import block_parts, keep_heads, keep_neurons
@@ -41,23 +42,13 @@ WANT = {
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    """A small byte-level BPE trained on lee-news (SmolLM2's 49152-token vocabulary would cost seconds per
-    file in gguf-py alone; its export path is pinned in test_gguf.py)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(load_data("lee-news", "eval").texts[20:200], trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>",
-                                                eos_token="<|endoftext|>")
+def tokenizer() -> transformers.PreTrainedTokenizerFast:
+    return small_bpe(VOCAB, slice(20, 200))
 
 
 @pytest.fixture(scope="module")
 def ids(tokenizer) -> torch.Tensor:
-    return lm_windows(tokenizer, load_data("lee-news", "eval").joined(), 64, max_windows=2)  # (2, 64)
+    return windows(tokenizer)  # (2, 64)
 
 
 def _base(config_class: type = transformers.LlamaConfig) -> nn.Module:
