@@ -23,7 +23,9 @@ from slimformer.registry import register
 @dataclass(frozen=True)
 class GPTQConfig(TargetedConfig):
     """bits/group_size/symmetric/scale_rule/zero_point as in `rtn`. damp: fraction of the mean
-    Hessian diagonal added for stability. act_order: quantize columns by decreasing activation energy. num_samples and
+    Hessian diagonal added for stability. act_order: quantize columns by decreasing activation energy.
+    scale_search: choose each group's range shrink (1.0 down to 0.8) by the Hessian-diagonal-weighted
+    error, llama.cpp's importance-matrix rule (groups, without act_order). num_samples and
     seq_len: calibration windows (default 64 x 512, docs/design.md)."""
 
     bits: int = 4
@@ -33,6 +35,7 @@ class GPTQConfig(TargetedConfig):
     zero_point: ZeroPoint = "int"
     damp: float = 0.01
     act_order: bool = False
+    scale_search: bool = False
     block_size: int = 128
     sink_weight: float = 128.0
     num_samples: int = 64
@@ -46,6 +49,9 @@ class GPTQConfig(TargetedConfig):
         if self.sink_weight < 1:
             raise UserError(f"gptq: sink_weight must be >= 1 (1 = no extra weight), got {self.sink_weight}.")
         check_positive("gptq", self, "block_size", "num_samples", "seq_len")
+        if self.scale_search and (self.act_order or self.group_size <= 0):
+            raise UserError("gptq: scale_search chooses each group's scale as GPTQ reaches it; it needs "
+                            "group_size > 0 and act_order: false.")
 
 
 def calibration_inputs(ctx: StepContext | None, num_samples: int, seq_len: int, method: str) -> torch.Tensor:
@@ -100,7 +106,7 @@ def gptq(model: nn.Module, config: GPTQConfig, ctx: StepContext | None = None) -
             codes, qp = gptq_quantize(
                 weight_view(layer).float(), hessians.get(name), config.bits, config.group_size, config.symmetric,
                 damp=config.damp, block_size=config.block_size, act_order=config.act_order,
-                scale_rule=config.scale_rule, zero_point=config.zero_point,
+                scale_rule=config.scale_rule, zero_point=config.zero_point, scale_search=config.scale_search,
             )
             model.set_submodule(name, QuantLinear.from_codes(codes, qp, getattr(layer, "bias", None)))
         return {"block": index, "layers": len(layers)}

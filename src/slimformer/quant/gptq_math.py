@@ -44,9 +44,35 @@ def inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:
     raise torch.linalg.LinAlgError("Hessian is not positive definite even with 100x damping")
 
 
+SEARCH_CLIPS = torch.linspace(1.0, 0.8, 21)  # range shrink factors `scale_search` tries per group and row
+
+
+def searched_group(wg: Tensor, importance: Tensor, bits: int, symmetric: bool, rules: dict[str, str]
+                   ) -> tuple[list[Tensor], list[Tensor]]:
+    """Encoder and decoder pairs ((out,) each) for one group of weights `wg` (out, g): per row, the
+    range shrink among SEARCH_CLIPS whose codes minimise the importance-weighted squared error
+    sum_j importance_j (w_j - w^_j)^2. This is what llama.cpp's quantizer does with an importance
+    matrix (its weights are the inputs' mean squares); GPTQ passes its Hessian diagonal, the same thing."""
+    rule = rule_of(rules["scale_rule"], rules["zero_point"])
+    best_err, best = None, []
+    for clip in SEARCH_CLIPS.tolist():
+        qp = compute_qparams(wg, bits, -1, symmetric, clip=clip, **rules)
+        enc, dec = qp.encoder(), qp.decoder()
+        err = ((wg - decode(encode(wg, enc, bits, symmetric, rule), dec, rule)) ** 2 * importance).sum(1)  # (out,)
+        pairs = [t[:, 0] for t in enc + dec]
+        if best_err is None:
+            best_err, best = err, pairs
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = [torch.where(better, new, old) for new, old in zip(pairs, best)]
+    return best[:2], best[2:]
+
+
 def gptq_quantize(
     w: Tensor, h: Tensor, bits: int, group_size: int, symmetric: bool, *, damp: float = 0.01,
     block_size: int = 128, act_order: bool = False, scale_rule: str = "absmax", zero_point: str = "int",
+    scale_search: bool = False,
 ) -> tuple[Tensor, QParams]:
     """Quantize w (out, in) against Hessian h (in, in); return (int16 codes (out, in), qparams).
 
@@ -55,7 +81,8 @@ def gptq_quantize(
     when GPTQ reaches it; with act_order, columns go in decreasing Hessian-diagonal order and
     group scales come from the original weights, so groups stay contiguous on disk. scale_rule /
     zero_point: any `qscheme` parametrization (llama.cpp's signed_max and float minimum included);
-    each column is encoded and decoded with `qscheme.encode` / `decode`.
+    each column is encoded and decoded with `qscheme.encode` / `decode`. scale_search (groups,
+    without act_order): each group's range shrink chosen by `searched_group` on the updated weights.
     """
     rules = {"scale_rule": scale_rule, "zero_point": zero_point}
     check_scheme(bits, group_size, symmetric=symmetric, **rules)
@@ -75,6 +102,7 @@ def gptq_quantize(
         block_size = group_size * max(1, block_size // group_size)
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f)
     hinv = inverse_hessian_factor(h[perm][:, perm], damp)
+    diag = torch.diag(h).float()  # the importance of each input column, for scale_search
     group_of = (perm // group_size) if group_size > 0 else torch.zeros(in_f, dtype=torch.long)
     # Work on W^T (in, out) so that each column of W is a contiguous row.
     wt = w[:, perm].t().contiguous()
@@ -88,9 +116,14 @@ def gptq_quantize(
             col = i1 + j
             g = int(group_of[col])
             if not static and col % group_size == 0:  # a group starts: scale it from the updated weights
-                fresh = compute_qparams(w1[j : j + group_size].t(), bits, -1, symmetric, **rules)
-                for dst, src in zip(enc_t + dec_t, fresh.encoder() + fresh.decoder()):
-                    dst[g] = src[:, 0]
+                wg = w1[j : j + group_size].t()
+                if scale_search:
+                    enc, dec = searched_group(wg, diag[col : col + wg.shape[1]], bits, symmetric, rules)
+                else:
+                    fresh = compute_qparams(wg, bits, -1, symmetric, **rules)
+                    enc, dec = [t[:, 0] for t in fresh.encoder()], [t[:, 0] for t in fresh.decoder()]
+                for dst, src in zip(enc_t + dec_t, enc + dec):
+                    dst[g] = src
             q = encode(w1[j], (enc_t[0][g], enc_t[1][g]), bits, symmetric, rule)
             codes_t[col] = q
             err = (w1[j] - decode(q, (dec_t[0][g], dec_t[1][g]), rule)) / hinv1[j, j]
