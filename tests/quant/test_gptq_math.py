@@ -138,7 +138,7 @@ def test_scale_search_lowers_gptq_output_error_on_real_activations(smollm_q_proj
     for search in (False, True):
         codes, qp = gptq_quantize(w, h, 4, group_size, symmetric, scale_search=search, **rules)
         errors.append(float((held_out @ (w - dequantize(codes, qp)).T).pow(2).mean()))
-    assert errors[1] < 0.97 * errors[0], errors
+    assert errors[1] < 0.9 * errors[0], errors  # measured 0.80 (sym g32), 0.85 (float g64)
 
 
 def test_scale_search_needs_groups_in_order() -> None:
