@@ -214,12 +214,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         print(f"  {name:32s} ppl {ppl:7.3f}  {rows[name]['size_bytes'] / 1e6:6.1f} MB", flush=True)
     timing = BenchSettings(runtime="onnxruntime", runs=args.runs, warmup=args.warmup, prefill=args.prefill,
                            threads=args.threads)
-    load = wait_quiet(args.quiet_load, args.quiet_wait)
+    load = wait_quiet(args.quiet_load, args.quiet_wait) if args.rounds else None
     rounds = []
     for r in range(args.rounds):
         rounds.append(time_round(files, bundle, onnx, timing))
         print(f"  timing round {r + 1}/{args.rounds} done", flush=True)
-    for name in rounds[0]:
+    for name in rounds[0] if rounds else ():
         for key in ("prefill_ms", "decode_ms"):
             values = [one[name][key] for one in rounds]
             rows[name][key] = round(statistics.median(values), 3)
@@ -290,7 +290,7 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--runs", type=int, default=16, help="timed decode steps per round (median)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds (0: perplexity and sizes only)")
     parser.add_argument("--quiet-load", type=float, default=0.6, help="wait for a load average below this to time")
     parser.add_argument("--quiet-wait", type=float, default=3600, help="seconds to wait for it at most")
     parser.add_argument("--variants", nargs="*", help="our variants to run (substrings of their names; default all)")
