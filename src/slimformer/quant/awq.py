@@ -36,7 +36,7 @@ class AWQConfig(TargetedConfig):
     export anywhere (Llama-style blocks only; refused elsewhere); false: each layer searches and
     keeps its own `input_scale` vector (any architecture); "auto" (default): true where the blocks
     and targets allow it, else false, and the step's report says why.
-    num_samples/seq_len: calibration windows (DESIGN default: 64 x 512)."""
+    num_samples/seq_len: calibration windows (default 64 x 512, docs/design.md)."""
 
     bits: int = 4
     group_size: int = 128
