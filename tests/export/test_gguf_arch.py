@@ -14,7 +14,7 @@ import transformers
 from gguf.quants import dequantize
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from small_vocab import small_bpe, windows
+from small_vocab import llama_cpp_logits, small_bpe, windows
 
 from slimformer.errors import UserError
 from slimformer.export.gguf import export_gguf
@@ -180,19 +180,8 @@ def test_llama_cpp_runs_the_file(exported, ids) -> None:
     Q4/Q8 weights by activations rounded to 8 bits per block of 32, so the logits agree to a cosine (tiny
     random models measure 0.99983-0.99996 here), not bit for bit; each control (the same weights, one
     metadata-only feature changed) is far below the threshold, so a key llama.cpp ignored would fail."""
-    llama_cpp = pytest.importorskip("llama_cpp")
     case, model, path, _, _ = exported
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, n_ubatch=64, n_threads=2, n_threads_batch=2,
-                          logits_all=True, n_gpu_layers=0, verbose=False)
-    try:
-        got = []
-        for row in ids.tolist():
-            llm.reset()
-            llm.eval(row)
-            got.append(torch.from_numpy(llm.scores[: len(row)].copy()))
-    finally:
-        llm.close()
-    got = torch.stack(got).double()
+    got = llama_cpp_logits(path, ids)
     cos = _cosine(got, _hf_logits(model, ids))
     controls = [_cosine(got, _hf_logits(_build(case, **copy.deepcopy(c)), ids)) for c in CONTROLS.get(case, [])]
     print(f"\n{case}: llama.cpp vs transformers cosine {cos:.6f}; controls {[round(c, 4) for c in controls]}")

@@ -16,7 +16,7 @@ from gguf.quants import dequantize
 from torch import nn
 
 from slimformer.context import StepContext
-from small_vocab import small_bpe, windows
+from small_vocab import llama_cpp_logits, small_bpe, windows
 
 from slimformer.data.sources import load_data
 from slimformer.errors import UserError
@@ -140,21 +140,6 @@ def test_sizes_and_tensors_read_back(exported, case) -> None:
     assert info["layers_from_codes"] == (7 * len(sizes) if case.endswith("q4") else 0)
 
 
-def _llama_cpp_logits(path, ids: torch.Tensor) -> torch.Tensor:
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, n_ubatch=64, n_threads=2, n_threads_batch=2,
-                          logits_all=True, n_gpu_layers=0, verbose=False)
-    try:
-        got = []
-        for row in ids.tolist():
-            llm.reset()
-            llm.eval(row)
-            got.append(torch.from_numpy(llm.scores[: len(row)].copy()))
-    finally:
-        llm.close()
-    return torch.stack(got).double()
-
-
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("case", list(WANT))
 def test_llama_cpp_runs_pruned_file(exported, ids, case) -> None:
@@ -162,7 +147,7 @@ def test_llama_cpp_runs_pruned_file(exported, ids, case) -> None:
     summation order differs; Q4/Q8: it rounds activations to 8 bits per block), and are far from the
     unpruned model's (so the threshold tells the pruned sizes were used); pruned files are smaller."""
     model, path, info, _ = exported[case]
-    got = _llama_cpp_logits(path, ids)
+    got = llama_cpp_logits(path, ids)
     cos, control = (_cosine(got, _logits(m, ids)) for m in (model, exported["unpruned"][0]))
     print(f"\n{case}: llama.cpp vs transformers cosine {cos:.7f} (unpruned model: {control:.4f}), "
           f"{info['bytes']} bytes")
