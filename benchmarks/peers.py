@@ -1,8 +1,12 @@
-"""Our quantizers against peer libraries at the same settings on smollm2-135m, in one process.
+"""Our quantizers against peer libraries at the same settings, in one process.
 
     make peers   # once: llm-compressor, torchao, optimum-quanto, onnxruntime (requirements-peers.txt)
     .venv/bin/python benchmarks/peers.py --json out/peers.json [--max-windows N] [--calib-windows N]
         [--only gptq-g64 llm-compressor ...] [--skip Prototype ...]
+        [--model smollm2-135m|gemma3-270m|DIR] [--calib-text lee-news] [--eval-texts lee-news shakespeare]
+
+The model defaults to smollm2-135m, calibration and evaluation to `lee-news`; with several
+--eval-texts every variant is evaluated on each (one table per text), calibrated on --calib-text.
 
 Same protocol on both sides of every row (the evaluation protocol of docs/design.md, as in
 benchmarks/quantization.py): perplexity with `slimformer.evaluate.perplexity` on the same
@@ -63,12 +67,24 @@ class Bench:
 
     model: nn.Module
     tokenizer: Any
-    eval_windows: torch.Tensor
+    eval_windows: torch.Tensor  # of the first --eval-texts text: the "ppl" of every row
     calib_windows: torch.Tensor
     ctx: StepContext
     targets: list[str]  # full names of the Linear layers inside the blocks (the default targets, docs/design.md)
     workdir: Path
     cache: dict[str, Any] = field(default_factory=dict)  # lazily built shared inputs (ONNX export...)
+    eval_text: str = "lee-news"
+    more_evals: dict[str, torch.Tensor] = field(default_factory=dict)  # the other --eval-texts
+
+
+def evaluate(model: Any, bench: Bench) -> dict[str, Any]:
+    """{"ppl": on the first evaluation text} plus {"ppl_by_text": every text} when there are several."""
+    ppl = perplexity(model, bench.eval_windows, progress=False)["ppl"]
+    if not bench.more_evals:
+        return {"ppl": ppl}
+    by_text = {bench.eval_text: ppl}
+    by_text.update({t: perplexity(model, w, progress=False)["ppl"] for t, w in bench.more_evals.items()})
+    return {"ppl": ppl, "ppl_by_text": by_text}
 
 
 class PeerError(Exception):
@@ -149,13 +165,13 @@ def _quant_modifier(scheme: dict | str, **kw: Any) -> Any:
     return QuantizationModifier(config_groups=scheme, ignore=["lm_head"], **kw)
 
 
-def llmc_gptq(group: int, bypass: bool = False) -> PeerFn:
-    """GPTQModifier, W4 asymmetric, our GPTQ's defaults (damp 0.01, block 128, no act-order)."""
+def llmc_gptq(group: int, bypass: bool = False, bits: int = 4) -> PeerFn:
+    """GPTQModifier, asymmetric, our GPTQ's defaults (damp 0.01, block 128, no act-order)."""
 
     def run(model: nn.Module, bench: Bench) -> tuple[Any, list[str]]:
         from llmcompressor.modifiers.gptq import GPTQModifier
 
-        mod = GPTQModifier(config_groups=_ct_scheme(_ct_weights(4, group, False)), ignore=["lm_head"],
+        mod = GPTQModifier(config_groups=_ct_scheme(_ct_weights(bits, group, False)), ignore=["lm_head"],
                            dampening_frac=0.01, block_size=128, actorder=None, bypass_divisibility_checks=bypass)
         _oneshot(model, bench, [mod], calibrate=True)
         notes = ["no counterpart to our sink_weight (first token of each window x128 in the Hessian)"]
@@ -467,8 +483,8 @@ def ort_nbits(group: int) -> PeerFn:
 # the settings
 
 
-def w4(method: str, group: int, extra: str = "") -> str:
-    return f"steps: [{{method: {method}, bits: 4, group_size: {group}, symmetric: false{extra}}}]"
+def w4(method: str, group: int, extra: str = "", bits: int = 4) -> str:
+    return f"steps: [{{method: {method}, bits: {bits}, group_size: {group}, symmetric: false{extra}}}]"
 
 
 CALIB = ", num_samples: {n}"
@@ -482,10 +498,20 @@ SETTINGS = (
         Peer(LLMC, "llm-compressor GPTQModifier", llmc_gptq(128)),
         Peer(LLMC, "llm-compressor GPTQModifier (divisibility check bypassed)", llmc_gptq(128, bypass=True)),
     )),
+    Setting("gptq-w3-g64", "gptq w3 g64 asym", (w4("gptq", 64, CALIB, bits=3),), (
+        Peer(LLMC, "llm-compressor GPTQModifier", llmc_gptq(64, bits=3)),
+    )),
+    Setting("gptq-w3-g128", "gptq w3 g128 asym", (w4("gptq", 128, CALIB, bits=3),), (
+        Peer(LLMC, "llm-compressor GPTQModifier", llmc_gptq(128, bits=3)),
+    )),
     Setting("awq-g64", "awq w4 g64 asym", (w4("awq", 64, CALIB),), (
         Peer(LLMC, "llm-compressor AWQModifier + QuantizationModifier", llmc_awq(64)),
         Peer(LLMC, "llm-compressor AWQModifier + QuantizationModifier (pin_memory patched out)",
              llmc_awq(64, unpinned=True)),
+    )),
+    Setting("awq-g128", "awq w4 g128 asym", (w4("awq", 128, CALIB),), (
+        Peer(LLMC, "llm-compressor AWQModifier + QuantizationModifier (pin_memory patched out)",
+             llmc_awq(128, unpinned=True)),
     )),
     Setting("rtn-g64", "rtn w4 g64 asym", (w4("rtn", 64),), (
         Peer(LLMC, "llm-compressor QuantizationModifier", llmc_rtn(64)),
@@ -580,7 +606,7 @@ def run_ours(setting: Setting, bench: Bench) -> dict[str, Any]:
             get_method(step.method).apply(model, step.config, bench.ctx)
 
     _, seconds = timed(compress)
-    return {"ppl": perplexity(model, bench.eval_windows, progress=False)["ppl"], "compress_s": round(seconds, 1)}
+    return {**evaluate(model, bench), "compress_s": round(seconds, 1)}
 
 
 def run_peer(peer: Peer, bench: Bench) -> dict[str, Any]:
@@ -591,23 +617,28 @@ def run_peer(peer: Peer, bench: Bench) -> dict[str, Any]:
         (evaluated, notes), seconds = timed(lambda: peer.run(model, bench))
         if isinstance(evaluated, Path):  # an ONNX file: the session is built outside the timing
             evaluated = OrtLM(evaluated)
-        ppl = perplexity(evaluated, bench.eval_windows, progress=False)["ppl"]
-        return {"ppl": ppl, "compress_s": round(seconds, 1), "notes": notes}
+        return {**evaluate(evaluated, bench), "compress_s": round(seconds, 1), "notes": notes}
     except PeerError as exc:
         return {"error": str(exc)}
     except Exception as exc:  # a peer library failing is a result, not a crash
         return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=-8)}
 
 
-def prepare(max_windows: int | None, calib_windows: int, workdir: Path) -> Bench:
-    bundle = load_bundle("smollm2-135m")
-    calib = load_data("lee-news", "calib")
+def prepare(args: argparse.Namespace, workdir: Path) -> Bench:
+    """The fp32 model and the windows named by --model, --calib-text, --eval-texts."""
+    bundle = load_bundle(args.model)
+    calib = load_data(args.calib_text, "calib")
+    first, *others = args.eval_texts
+
+    def windows(text: str) -> torch.Tensor:
+        return lm_windows(bundle.tokenizer, load_data(text, "eval").joined(), SEQ_LEN, args.max_windows)
+
     return Bench(
-        model=bundle.model, tokenizer=bundle.tokenizer,
-        eval_windows=lm_windows(bundle.tokenizer, load_data("lee-news", "eval").joined(), SEQ_LEN, max_windows),
-        calib_windows=calibration_windows(bundle.tokenizer, calib, calib_windows, SEQ_LEN),
+        model=bundle.model, tokenizer=bundle.tokenizer, eval_windows=windows(first),
+        calib_windows=calibration_windows(bundle.tokenizer, calib, args.calib_windows, SEQ_LEN),
         ctx=StepContext(tokenizer=bundle.tokenizer, calib=calib, progress=False),
         targets=list(select_linears(bundle.model, None)), workdir=workdir,
+        eval_text=first, more_evals={t: windows(t) for t in others},
     )
 
 
@@ -632,13 +663,22 @@ def run(plan: list[tuple[Setting, list[Peer]]], bench: Bench) -> list[dict[str, 
     return rows
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: one row per (setting, peer); ratios peer / ours; notes listed below."""
+def _on_text(result: dict[str, Any], text: str | None) -> dict[str, Any]:
+    """`result` with "ppl" taken on evaluation text `text` (None: the first text)."""
+    if text is None or "ppl" not in result:
+        return result
+    return {**result, "ppl": result["ppl_by_text"][text]}
+
+
+def table(rows: list[dict[str, Any]], text: str | None = None) -> str:
+    """Markdown: one row per (setting, peer); ratios peer / ours; notes listed below.
+    text: which evaluation text's perplexity (None: the first)."""
     lines = ["| setting | ours ppl | peer | peer ppl | ppl ratio | ours s | peer s | time ratio |",
              "|---|---|---|---|---|---|---|---|"]
     notes = []
     for r in rows:
-        ours = r["ours"]
+        r = _on_text(r, text)
+        ours = _on_text(r["ours"], text)
         if "ppl" in r:
             cells = [f"{r['ppl']:.2f}", f"{r['ppl'] / ours['ppl']:.3f}", f"{ours['compress_s']}", f"{r['compress_s']}",
                      f"{r['compress_s'] / max(ours['compress_s'], 0.1):.2f}"]
@@ -658,27 +698,40 @@ def _one_line(text: str, limit: int = 300) -> str:
 def run_benchmark(args: argparse.Namespace, plan: list, run_fn: Callable, prefix: str) -> None:
     """Prepare the model and windows, run `plan` through `run_fn`, print the table, write --json."""
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
-        bench = prepare(args.max_windows, args.calib_windows, Path(tmp))
-        fp32 = perplexity(bench.model, bench.eval_windows, progress=False)["ppl"]
-        print(f"fp32 ppl {fp32:.2f} ({bench.eval_windows.shape[0]} windows; calibration {bench.calib_windows.shape[0]} "
-              f"windows x {SEQ_LEN}; {torch.get_num_threads()} threads)", flush=True)
+        bench = prepare(args, Path(tmp))
+        fp32 = evaluate(bench.model, bench)
+        evals = {bench.eval_text: bench.eval_windows, **bench.more_evals}
+        shown = ", ".join(f"{t} {fp32.get('ppl_by_text', {t: fp32['ppl']})[t]:.2f} ({w.shape[0]} windows)"
+                          for t, w in evals.items())
+        print(f"{args.model}: fp32 ppl {shown}; calibration {bench.calib_windows.shape[0]} windows x {SEQ_LEN} "
+              f"of {args.calib_text}; {torch.get_num_threads()} threads", flush=True)
         rows = run_fn(plan, bench)
-    print("\n" + table(rows))
+    for text in evals:
+        print(f"\n{text}:\n" + table(rows, text if bench.more_evals else None))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"threads": torch.get_num_threads(), "max_windows": args.max_windows,
-                               "eval_windows": int(bench.eval_windows.shape[0]),
-                               "calib_windows": int(bench.calib_windows.shape[0]), "fp32_ppl": fp32,
-                               "rows": rows}, indent=2))
+                               "model": args.model, "calib_text": args.calib_text,
+                               "eval_windows": {t: int(w.shape[0]) for t, w in evals.items()},
+                               "calib_windows": int(bench.calib_windows.shape[0]), "fp32_ppl": fp32["ppl"],
+                               "fp32": fp32, "rows": rows}, indent=2))
     print(f"\nwrote {out}")
+
+
+def add_common_args(parser: argparse.ArgumentParser, json_default: str) -> None:
+    """The options benchmarks/peers.py and benchmarks/pruning.py share."""
+    parser.add_argument("--json", default=json_default)
+    parser.add_argument("--model", default="smollm2-135m", help="built-in alias or local Hugging Face folder")
+    parser.add_argument("--calib-text", default="lee-news", help="text alias or folder the calibration windows come from")
+    parser.add_argument("--eval-texts", nargs="+", default=["lee-news"], help="evaluation texts (first: the main one)")
+    parser.add_argument("--max-windows", type=int, help="perplexity on the first N evaluation windows only")
+    parser.add_argument("--calib-windows", type=int, default=64, help="calibration windows of 512 tokens (default 64)")
+    parser.add_argument("--only", nargs="*", help="setting keys and/or library names to run")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", default="out/peers.json")
-    parser.add_argument("--max-windows", type=int, help="perplexity on the first N evaluation windows only")
-    parser.add_argument("--calib-windows", type=int, default=64, help="calibration windows of 512 tokens (default 64)")
-    parser.add_argument("--only", nargs="*", help="setting keys and/or library names to run")
+    add_common_args(parser, "out/peers.json")
     parser.add_argument("--skip", nargs="*", default=[], help="leave out peers whose label contains any of these")
     parser.add_argument("--ours-only", action="store_true", help="run our side of the selected settings only")
     args = parser.parse_args()

@@ -1,7 +1,8 @@
-"""Our pruning methods against peers at the same settings on smollm2-135m, in one process.
+"""Our pruning methods against peers at the same settings, in one process.
 
     .venv/bin/python benchmarks/pruning.py --json out/pruning.json [--max-windows N] [--calib-windows N]
         [--only wanda-50 sparsegpt-24 llm-compressor ...] [--ours-only]
+        [--model smollm2-135m|gemma3-270m|DIR] [--calib-text lee-news] [--eval-texts lee-news shakespeare]
 
 Protocol as benchmarks/peers.py (whose helpers this reuses): every variant pruned from a fresh copy
 of the same fp32 model, perplexity with `slimformer.evaluate.perplexity` on the same `lee-news`
@@ -28,7 +29,6 @@ import peers  # benchmarks/peers.py: Bench, prepare, run_ours, timed, table, llm
 import transformers
 from torch import nn
 
-from slimformer.evaluate.perplexity import perplexity
 
 LLMC, TORCH_PRUNE = peers.LLMC, "torch.nn.utils.prune"
 LIBRARY_MODULES = {LLMC: "llmcompressor", TORCH_PRUNE: "torch.nn.utils.prune"}
@@ -123,8 +123,7 @@ def run_peer(peer: peers.Peer, bench: peers.Bench) -> dict[str, Any]:
             peers._calib_dataset(bench)
         model = copy.deepcopy(bench.model)
         (evaluated, notes), seconds = peers.timed(lambda: peer.run(model, bench))
-        return {"ppl": perplexity(evaluated, bench.eval_windows, progress=False)["ppl"],
-                "compress_s": round(seconds, 1), "notes": notes}
+        return {**peers.evaluate(evaluated, bench), "compress_s": round(seconds, 1), "notes": notes}
     except Exception as exc:  # a peer failing is a result, not a crash
         return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=-8)}
 
@@ -152,10 +151,7 @@ def run(plan: list[tuple[peers.Setting, list[peers.Peer]]], bench: peers.Bench) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", default="out/pruning.json")
-    parser.add_argument("--max-windows", type=int, help="perplexity on the first N evaluation windows only")
-    parser.add_argument("--calib-windows", type=int, default=64, help="calibration windows of 512 tokens (default 64)")
-    parser.add_argument("--only", nargs="*", help="setting keys and/or library names to run")
+    peers.add_common_args(parser, "out/pruning.json")
     parser.add_argument("--ours-only", action="store_true", help="run our side of the selected settings only")
     args = parser.parse_args()
     transformers.utils.logging.disable_progress_bar()

@@ -29,11 +29,10 @@ def floor_per_row(scores: Tensor, sparsity: float) -> Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-windows", type=int, help="perplexity on the first N evaluation windows only")
-    parser.add_argument("--calib-windows", type=int, default=64, help="calibration windows of 512 tokens (default 64)")
+    peers.add_common_args(parser, "out/wanda-rounding.json")
     parser.add_argument("--sparsity", type=float, default=0.6)
     args = parser.parse_args()
-    bench = peers.prepare(args.max_windows, args.calib_windows, Path(tempfile.mkdtemp(prefix="slimformer-wanda-")))
+    bench = peers.prepare(args, Path(tempfile.mkdtemp(prefix="slimformer-wanda-")))
     setting = peers.Setting("wanda", "wanda", (f"steps: [{{method: wanda, sparsity: {args.sparsity}, num_samples: {{n}}}}]",), ())
     exact = peers.run_ours(setting, bench)
     common.row_masks = floor_per_row  # what `layer_mask(..., per_row=True)` calls
