@@ -49,13 +49,11 @@ from slimformer.evaluate.size import folder_bytes
 from slimformer.export.onnx import OrtModel, export_onnx, matmul_weight_bytes
 from slimformer.models.loading import ModelBundle, load_bundle
 from slimformer.recipe import Recipe
-from slimformer.registry import get_method
 
 
 def apply_steps(model: nn.Module, steps: str, ctx: StepContext) -> nn.Module:
     """Run recipe steps given as a YAML flow list (e.g. "{method: dynamic}") on `model` in place."""
-    for step in Recipe.from_yaml(f"steps: [{steps}]").steps:
-        get_method(step.method).apply(model, step.config, ctx)
+    Recipe.from_yaml(f"steps: [{steps}]").apply(model, ctx)
     return model
 
 

@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from slimformer.context import StepContext
@@ -39,7 +38,8 @@ from slimformer.evaluate.size import count_params
 from slimformer.models.loading import load_bundle
 from slimformer.train.classify import Classifier, fit, score, splits, student_of
 from slimformer.train.data import lm_data
-from slimformer.train.loop import TrainOptions, train
+from slimformer.train.loop import train
+from slimformer.train.task import TrainOptions
 from slimformer.train.tasks import DistillTask
 
 

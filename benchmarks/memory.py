@@ -38,8 +38,7 @@ bundle = load_bundle("smollm2-135m")
 loaded = rss_now()
 ctx = StepContext(tokenizer=bundle.tokenizer, calib=load_data("lee-news", "calib"), progress=False)
 start = time.perf_counter()
-for step in Recipe.from_yaml(sys.argv[1]).steps:
-    get_method(step.method).apply(bundle.model, step.config, ctx)
+Recipe.from_yaml(sys.argv[1]).apply(bundle.model, ctx)
 fp32_bytes = sum(p.numel() * 4 for p in load_bundle("smollm2-135m", tokenizer=False).model.parameters())
 print(json.dumps({"rss_after_load_bytes": loaded, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "fp32_model_bytes": fp32_bytes, "compress_s": round(time.perf_counter() - start, 1)}))

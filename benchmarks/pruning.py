@@ -25,12 +25,13 @@ import copy
 import traceback
 from typing import Any
 
-import peers  # benchmarks/peers.py: Bench, prepare, run_ours, timed, table, llm-compressor driver
+import harness  # benchmarks/harness.py: Bench, prepare, run_ours, timed, table, JSON
+import peer_llmcompressor  # benchmarks/peer_llmcompressor.py: oneshot on our windows
 import transformers
 from torch import nn
 
 
-LLMC, TORCH_PRUNE = peers.LLMC, "torch.nn.utils.prune"
+LLMC, TORCH_PRUNE = "llm-compressor", "torch.nn.utils.prune"
 LIBRARY_MODULES = {LLMC: "llmcompressor", TORCH_PRUNE: "torch.nn.utils.prune"}
 CALIB = ", num_samples: {n}"
 BLOCKS = "re:model.layers.\\d+$"  # llm-compressor groups OWL statistics per decoder layer
@@ -40,10 +41,10 @@ def ours(method: str, amount: str, extra: str = "") -> str:
     return f"steps: [{{method: {method}, {amount}{extra}}}]"
 
 
-def torch_l1(sparsity: float) -> peers.PeerFn:
+def torch_l1(sparsity: float) -> harness.PeerFn:
     """torch.nn.utils.prune.l1_unstructured on each target layer, then made permanent."""
 
-    def run(model: nn.Module, bench: peers.Bench) -> tuple[Any, list[str]]:
+    def run(model: nn.Module, bench: harness.Bench) -> tuple[Any, list[str]]:
         import torch.nn.utils.prune as tprune
 
         for name in bench.targets:
@@ -55,10 +56,10 @@ def torch_l1(sparsity: float) -> peers.PeerFn:
     return run
 
 
-def llmc_pruner(kind: str, sparsity: float, structure: str = "0:0", owl: bool = False) -> peers.PeerFn:
+def llmc_pruner(kind: str, sparsity: float, structure: str = "0:0", owl: bool = False) -> harness.PeerFn:
     """llm-compressor's SparseGPTModifier or WandaPruningModifier through `oneshot` on our windows."""
 
-    def run(model: nn.Module, bench: peers.Bench) -> tuple[Any, list[str]]:
+    def run(model: nn.Module, bench: harness.Bench) -> tuple[Any, list[str]]:
         from llmcompressor.modifiers.pruning import WandaPruningModifier
         from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
 
@@ -69,24 +70,24 @@ def llmc_pruner(kind: str, sparsity: float, structure: str = "0:0", owl: bool = 
             modifier = SparseGPTModifier(block_size=128, dampening_frac=0.01, **kw)
         else:
             modifier = WandaPruningModifier(**kw)
-        peers._oneshot(model, bench, [modifier], calibrate=True)
+        peer_llmcompressor._oneshot(model, bench, [modifier], calibrate=True)
         return model, [f"mask_structure {structure}"] + (["OWL: owl_m 5, owl_lmbda 0.08"] if owl else [])
 
     return run
 
 
-def _setting(key: str, label: str, recipe: str, *peer_list: peers.Peer) -> peers.Setting:
-    return peers.Setting(key, label, (recipe,), tuple(peer_list))
+def _setting(key: str, label: str, recipe: str, *peer_list: harness.Peer) -> harness.Setting:
+    return harness.Setting(key, label, (recipe,), tuple(peer_list))
 
 
-def _llmc(kind: str, sparsity: float, structure: str = "0:0", owl: bool = False) -> peers.Peer:
+def _llmc(kind: str, sparsity: float, structure: str = "0:0", owl: bool = False) -> harness.Peer:
     name = {"sparsegpt": "SparseGPTModifier", "wanda": "WandaPruningModifier"}[kind]
-    return peers.Peer(LLMC, f"llm-compressor {name}" + (" (owl)" if owl else ""), llmc_pruner(kind, sparsity, structure, owl))
+    return harness.Peer(LLMC, f"llm-compressor {name}" + (" (owl)" if owl else ""), llmc_pruner(kind, sparsity, structure, owl))
 
 
 SETTINGS = (
     _setting("magnitude-50", "magnitude 50% per layer", ours("magnitude", "sparsity: 0.5"),
-             peers.Peer(TORCH_PRUNE, "torch.nn.utils.prune.l1_unstructured", torch_l1(0.5))),
+             harness.Peer(TORCH_PRUNE, "torch.nn.utils.prune.l1_unstructured", torch_l1(0.5))),
     _setting("gradient-50", "gradient 50% per layer", ours("gradient", "sparsity: 0.5", ", num_samples: {g}")),
     _setting("taylor-50", "taylor 50% per layer", ours("taylor", "sparsity: 0.5", ", num_samples: {g}")),
     _setting("wanda-50", "wanda 50%", ours("wanda", "sparsity: 0.5", CALIB), _llmc("wanda", 0.5)),
@@ -111,31 +112,31 @@ SETTINGS = (
 )
 
 
-def select(only: list[str] | None, ours_only: bool) -> list[tuple[peers.Setting, list[peers.Peer]]]:
-    """Settings and peers named by --only (peers.selected over this file's settings)."""
-    return [(s, [] if ours_only else chosen) for s, chosen in peers.selected(only, SETTINGS, LIBRARY_MODULES)]
+def select(only: list[str] | None, ours_only: bool) -> list[tuple[harness.Setting, list[harness.Peer]]]:
+    """Settings and peers named by --only (harness.selected over this file's settings)."""
+    return [(s, [] if ours_only else chosen) for s, chosen in harness.selected(only, SETTINGS, LIBRARY_MODULES)]
 
-def run_peer(peer: peers.Peer, bench: peers.Bench) -> dict[str, Any]:
+def run_peer(peer: harness.Peer, bench: harness.Bench) -> dict[str, Any]:
     """One peer on a fresh copy (its library imported before the timer); failures become rows."""
     try:
         __import__(LIBRARY_MODULES[peer.library])
         if peer.library == LLMC:
-            peers._calib_dataset(bench)
+            peer_llmcompressor._calib_dataset(bench)
         model = copy.deepcopy(bench.model)
-        (evaluated, notes), seconds = peers.timed(lambda: peer.run(model, bench))
-        return {**peers.evaluate(evaluated, bench), "compress_s": round(seconds, 1), "notes": notes}
+        (evaluated, notes), seconds = harness.timed(lambda: peer.run(model, bench))
+        return {**harness.evaluate(evaluated, bench), "compress_s": round(seconds, 1), "notes": notes}
     except Exception as exc:  # a peer failing is a result, not a crash
         return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=-8)}
 
 
-def run(plan: list[tuple[peers.Setting, list[peers.Peer]]], bench: peers.Bench) -> list[dict[str, Any]]:
+def run(plan: list[tuple[harness.Setting, list[harness.Peer]]], bench: harness.Bench) -> list[dict[str, Any]]:
     """Ours once per setting, then each peer; one row per (setting, peer), printed as it comes."""
     n = bench.calib_windows.shape[0]
     rows = []
     for setting, chosen in plan:
-        setting = peers.Setting(setting.key, setting.label,
+        setting = harness.Setting(setting.key, setting.label,
                                 tuple(r.replace("{g}", str(min(n, 16))) for r in setting.ours), setting.peers)
-        mine = peers.run_ours(setting, bench)
+        mine = harness.run_ours(setting, bench)
         print(f"[{setting.key}] ours: ppl {mine['ppl']:.2f}, {mine['compress_s']} s", flush=True)
         if not chosen:
             rows.append({"setting": setting.label, "key": setting.key, "ours": mine, "peer": "—", "library": None,
@@ -145,18 +146,18 @@ def run(plan: list[tuple[peers.Setting, list[peers.Peer]]], bench: peers.Bench) 
             rows.append({"setting": setting.label, "key": setting.key, "ours": mine, "peer": peer.label,
                          "library": peer.library, **result})
             shown = f"ppl {result['ppl']:.2f}, {result['compress_s']} s" if "ppl" in result else f"cannot run: {result['error']}"
-            print(f"[{setting.key}] {peer.label}: {peers._one_line(shown)}", flush=True)
+            print(f"[{setting.key}] {peer.label}: {harness.one_line(shown)}", flush=True)
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    peers.add_common_args(parser, "out/pruning.json")
+    harness.add_common_args(parser, "out/pruning.json")
     parser.add_argument("--ours-only", action="store_true", help="run our side of the selected settings only")
     args = parser.parse_args()
     transformers.utils.logging.disable_progress_bar()
     plan = select(args.only, args.ours_only)
-    peers.run_benchmark(args, plan, run, "slimformer-pruning-")
+    harness.run_benchmark(args, plan, run, "slimformer-pruning-")
 
 if __name__ == "__main__":
     main()

@@ -25,12 +25,12 @@ from typing import Any
 import torch
 import transformers
 
+from slimformer.artifact import save_artifact
 from slimformer.config import build_config
 from slimformer.context import StepContext
 from slimformer.data.sources import load_data
 from slimformer.data.windows import lm_windows
 from slimformer.evaluate.perplexity import perplexity
-from slimformer.export.artifact import save_artifact
 from slimformer.models.loading import load_bundle
 from slimformer.registry import get_method
 

@@ -20,15 +20,14 @@ from pathlib import Path
 import torch
 import transformers
 
+from slimformer.artifact import save_artifact
 from slimformer.context import StepContext
 from slimformer.data.sources import load_data
 from slimformer.data.windows import lm_windows
 from slimformer.evaluate.latency import measure_latency
 from slimformer.evaluate.perplexity import perplexity
-from slimformer.export.artifact import save_artifact
 from slimformer.models.loading import load_bundle
 from slimformer.recipe import Recipe
-from slimformer.registry import get_method
 
 VARIANTS = {
     "fp32": None,
@@ -64,8 +63,8 @@ def run(max_windows: int | None, only: list[str] | None, latency_runs: int) -> d
             continue
         model = copy.deepcopy(bundle.model)
         start = time.perf_counter()
-        for step in Recipe.from_yaml(recipe).steps if recipe else ():
-            get_method(step.method).apply(model, step.config, ctx)
+        if recipe:
+            Recipe.from_yaml(recipe).apply(model, ctx)
         wall = time.perf_counter() - start
         with tempfile.TemporaryDirectory() as tmp:
             size = save_artifact(model, Path(tmp), kind="decoder")

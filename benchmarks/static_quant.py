@@ -23,10 +23,9 @@ from slimformer.data.sources import load_data
 from slimformer.data.windows import lm_windows
 from slimformer.evaluate.distribution import distribution_report, layer_distributions, plot_distributions
 from slimformer.evaluate.perplexity import perplexity
+from slimformer.layers import set_int_kernel
 from slimformer.models.loading import load_bundle
-from slimformer.quant.int8_kernels import set_int_kernel
 from slimformer.recipe import Recipe
-from slimformer.registry import get_method
 
 VARIANTS = {
     "fp32": None,
@@ -55,8 +54,7 @@ def run(max_windows: int, num_samples: int, only: list[str] | None) -> dict[str,
         start = time.perf_counter()
         if step:
             step = step if "dynamic" in step else step.replace("}", f", num_samples: {num_samples}}}")
-            for s in Recipe.from_yaml(f"steps: [{step}]").steps:
-                get_method(s.method).apply(model, s.config, ctx)
+            Recipe.from_yaml(f"steps: [{step}]").apply(model, ctx)
         wall = time.perf_counter() - start
         set_int_kernel(model, False)  # same integer products as fp32 matmuls: CPU _int_mm is ~30x slower here
         ppl = perplexity(model, windows, progress=False)["ppl"]

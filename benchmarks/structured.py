@@ -35,7 +35,6 @@ from slimformer.data.sources import load_data
 from slimformer.evaluate.measure import DEFAULT_CALIB, EvalSettings, measure, prepare_eval
 from slimformer.models.loading import ModelBundle, load_bundle
 from slimformer.recipe import Recipe
-from slimformer.registry import get_method
 
 SETTINGS = {  # latency shape per model (docs/design.md / issue 4)
     "smollm2-135m": {"latency_batch": 1, "latency_seq": 512},
@@ -62,10 +61,8 @@ def apply_steps(model: Any, bundle: ModelBundle, steps: list[dict[str, Any]], pr
     ctx = StepContext(tokenizer=bundle.tokenizer, kind=bundle.kind, calib=load_data(DEFAULT_CALIB[bundle.kind], "calib"),
                       progress=progress)
     start = time.perf_counter()
-    infos = []
-    for step in Recipe.from_dict({"steps": steps}).steps:
-        info = get_method(step.method).apply(model, step.config, ctx)
-        infos.append({k: v for k, v in info.items() if k not in ("structure", "layer_scores", "removed_heads")})
+    infos = [{k: v for k, v in info.items() if k not in ("method", "wall_s", "structure", "layer_scores", "removed_heads")}
+             for info in Recipe.from_dict({"steps": steps}).apply(model, ctx)]
     return {"steps": infos, "compress_s": round(time.perf_counter() - start, 2)}
 
 

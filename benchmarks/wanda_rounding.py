@@ -13,7 +13,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import peers  # benchmarks/peers.py
+import harness  # benchmarks/harness.py
 import torch
 from torch import Tensor
 
@@ -29,14 +29,14 @@ def floor_per_row(scores: Tensor, sparsity: float) -> Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    peers.add_common_args(parser, "out/wanda-rounding.json")
+    harness.add_common_args(parser, "out/wanda-rounding.json")
     parser.add_argument("--sparsity", type=float, default=0.6)
     args = parser.parse_args()
-    bench = peers.prepare(args, Path(tempfile.mkdtemp(prefix="slimformer-wanda-")))
-    setting = peers.Setting("wanda", "wanda", (f"steps: [{{method: wanda, sparsity: {args.sparsity}, num_samples: {{n}}}}]",), ())
-    exact = peers.run_ours(setting, bench)
+    bench = harness.prepare(args, Path(tempfile.mkdtemp(prefix="slimformer-wanda-")))
+    setting = harness.Setting("wanda", "wanda", (f"steps: [{{method: wanda, sparsity: {args.sparsity}, num_samples: {{n}}}}]",), ())
+    exact = harness.run_ours(setting, bench)
     common.row_masks = floor_per_row  # what `layer_mask(..., per_row=True)` calls
-    floor = peers.run_ours(setting, bench)
+    floor = harness.run_ours(setting, bench)
     print(f"wanda {args.sparsity:.0%}: exact total {exact['ppl']:.2f}; int(s x in) per row {floor['ppl']:.2f}")
 
 

@@ -110,3 +110,17 @@ def test_huge_values_give_short_messages(data) -> None:
     with pytest.raises(UserError) as caught:
         Recipe.from_dict(data)
     assert len(str(caught.value)) < 300, str(caught.value)
+
+
+def test_apply_runs_the_steps_in_order_and_reports_each() -> None:
+    from tiny import tiny_llama  # tests/tiny.py
+
+    model = tiny_llama()
+    recipe = Recipe.from_yaml("steps: [{method: magnitude, sparsity: 0.5}, {method: rtn, bits: 4, group_size: 16}]")
+    seen: list[int] = []
+    infos = recipe.apply(model, None, after_step=lambda i, info: seen.append(i))
+    assert seen == [0, 1] and [i["method"] for i in infos] == ["magnitude", "rtn"]
+    assert infos[0]["sparsity"] == 0.5 and infos[1]["bits"] == 4 and all(i["wall_s"] >= 0 for i in infos)
+    layer = model.model.layers[0].mlp.up_proj
+    assert type(layer).__name__ == "QuantLinear"
+    assert int((layer.dequantized_weight() == 0).sum()) >= layer.in_features * layer.out_features // 2

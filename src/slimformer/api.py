@@ -1,4 +1,5 @@
-"""The Python API: `compress`, `evaluate`, `load`. The CLI is a thin layer over these."""
+"""The Python API: `compress`, `evaluate`, `load`, and the export entry points of `export/entry.py`
+(`export`, `save_hf`, `save_compressed`, `export_gguf_file`). The CLI is a thin layer over these."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from slimformer.artifact import save_artifact
 from slimformer.checkpoint import fingerprint, holds_finished, open_checkpoints
 from slimformer.context import StepContext
 from slimformer.data.sources import load_data
@@ -23,15 +25,12 @@ from slimformer.evaluate.distribution import Comparison, compare_distributions, 
 from slimformer.evaluate.measure import DEFAULT_CALIB, EvalData, EvalSettings, measure, prepare_eval
 from slimformer.evaluate.report import environment, metrics_table, plot_report, report_markdown
 from slimformer.evaluate.size import folder_bytes
-from slimformer.export.artifact import save_artifact
+from slimformer.export.entry import export, export_gguf_file, export_stage, save_compressed, save_hf
 from slimformer.models.layout import select_linears
 from slimformer.models.loading import ModelBundle, load_bundle, resolve_folder
-from slimformer.outputs import (
-    OutputLock, atomic_file, atomic_folder, check_file_output, check_folder_output, no_space_error, protected_paths,
-)
+from slimformer.outputs import OutputLock, atomic_folder, check_folder_output, no_space_error, protected_paths
 from slimformer.quant.qscheme import check_group_fits
-from slimformer.recipe import ExportSpec, Recipe
-from slimformer.registry import get_method
+from slimformer.recipe import Recipe
 
 
 def load(path: str | Path) -> nn.Module:
@@ -141,14 +140,12 @@ def _run_recipe(bundle: ModelBundle, work: nn.Module, recipe: Recipe, ctx: StepC
     baseline = measure(bundle, data, settings) if main else {}
     if main:
         baseline["size_bytes"] = _source_bytes(bundle)
-    steps = []
-    for i, step in enumerate(recipe.steps):
-        t0 = time.perf_counter()
-        step_ctx = dataclasses.replace(ctx, checkpoint=root / f"step{i}" if root else None)
-        info = get_method(step.method).apply(work, step.config, step_ctx)
-        steps.append({"method": step.method, **step.to_dict(), **info, "wall_s": round(time.perf_counter() - t0, 2)})
+
+    def between_steps(i: int, info: dict[str, Any]) -> None:
         if main and settings.step_metrics and i < len(recipe.steps) - 1:  # the last one is `compressed`
-            steps[-1]["metrics"] = _step_metrics(bundle, work, data, settings)
+            info["metrics"] = _step_metrics(bundle, work, data, settings)
+
+    steps = recipe.apply(work, dataclasses.replace(ctx, checkpoint=None), checkpoints=root, after_step=between_steps)
     if not main:  # the other torchrun ranks took part in training; rank 0 reports
         return {"model": bundle.name, "recipe": recipe.to_dict(), "steps": steps, "rank": _rank()}
     return {
@@ -173,11 +170,11 @@ def _finish(report: dict[str, Any], bundle: ModelBundle, work: nn.Module, recipe
         compressed["size_bytes"] = _saved_bytes(compressed_bundle, recipe)
         if recipe.export is not None:  # measured from a temporary file: no folder to keep it in
             with tempfile.TemporaryDirectory(prefix="slimformer-export-") as tmp:
-                report["export"] = _export_stage(compressed_bundle, recipe.export, Path(tmp), data, settings)
+                report["export"] = export_stage(compressed_bundle, recipe.export, Path(tmp), data, settings)
         report["wall_s"] = round(time.perf_counter() - started, 2)
         return
     _write_output(out_dir, compressed_bundle, recipe, report, started, overwrite, dist,
-                  lambda folder: _export_stage(compressed_bundle, recipe.export, folder, data, settings)
+                  lambda folder: export_stage(compressed_bundle, recipe.export, folder, data, settings)
                   if recipe.export is not None else None)
 
 
@@ -196,188 +193,12 @@ def evaluate(model: str | Path | ModelBundle, eval: str | EvalSettings | None = 
     return {"model": bundle.name, "eval_data": data.name, "metrics": metrics, "environment": environment()}
 
 
-def export(
-    model: str | Path | ModelBundle, output: str | Path, *, format: str = "onnx", overwrite: bool = False,  # noqa: A002
-    threads: int | None = None, dtype: str = "float32", kv_cache: bool = False, int4_compute: str = "fp32",
-    unquantized: str = "f32",
-) -> dict[str, Any]:
-    """Export a model (alias, HF folder or compressed folder) to `output` and check the file against
-    the PyTorch model on real inputs (built-in evaluation text: 2 windows of 128 tokens for decoders,
-    16 tweets for encoders). Returns {path, bytes, seconds, layers_swapped, opset, parity}.
-    format="hf": a plain Hugging Face folder instead (see `save_hf`; `dtype` applies there).
-    kv_cache=True (decoders): past/present key/value inputs and outputs for incremental decoding.
-    int4_compute="int8": 4-bit layers multiply int8-quantized activations in onnxruntime (faster,
-    slightly less exact; the parity check shows by how much); "fp32" (default) is exact.
-    format="gguf": a GGUF file for llama.cpp/ollama carrying the integer codes unchanged (see
-    `export_gguf_file`); `unquantized` (f32, f16, q8_0) says how layers without codes are stored."""
-
-    if format == "hf":
-        return save_hf(model, output, dtype=dtype, overwrite=overwrite)
-    if format == "compressed-tensors":
-        return save_compressed(model, output, overwrite=overwrite)
-    if format not in ("onnx", "gguf"):
-        raise UserError(f"unknown export format {format!r}; supported: onnx, gguf, compressed-tensors, hf.")
-    if threads is not None and threads < 1:
-        raise UserError(f"--threads must be a positive integer, got {threads}.")
-    if format == "gguf":
-        return export_gguf_file(model, output, overwrite=overwrite, unquantized=unquantized, threads=threads)
-    source = model.folder if isinstance(model, ModelBundle) else resolve_folder(model)
-    out = check_file_output(output, protected=protected_paths(source), overwrite=overwrite)
-    bundle = load_bundle(model) if not isinstance(model, ModelBundle) else model
-    with atomic_file(out) as tmp:  # renamed once the parity check passed
-        info, _ = _export_checked(bundle, tmp, kv_cache=kv_cache, int4_compute=int4_compute, threads=threads)
-    return {"model": bundle.name, "kind": bundle.kind, **info, "path": str(out)}
-
-
-def export_gguf_file(model: str | Path | ModelBundle, output: str | Path, *, overwrite: bool = False,
-                     unquantized: str = "f32", threads: int | None = None) -> dict[str, Any]:
-    """Write a GGUF file (the architectures of export.gguf_arch): our 4/5/8-bit codes and fp16 scales as
-    Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks unchanged; what GGUF cannot hold exactly is refused (UserError,
-    nothing written). Where llama.cpp is installed, its logits are compared with PyTorch's on real
-    text before the file is renamed into place (`parity`)."""
-    from slimformer.export.gguf import export_gguf
-    from slimformer.export.gguf_parity import gguf_parity
-
-    source = model.folder if isinstance(model, ModelBundle) else resolve_folder(model)
-    out = check_file_output(output, protected=protected_paths(source), overwrite=overwrite)
-    bundle = load_bundle(model) if not isinstance(model, ModelBundle) else model
-    if bundle.kind != "decoder" or bundle.tokenizer is None:
-        raise UserError(f"GGUF export needs a decoder with its tokenizer; '{bundle.name}' is an {bundle.kind}"
-                        f"{'' if bundle.tokenizer is not None else ' without a tokenizer'}.")
-    with atomic_file(out) as tmp:  # renamed once llama.cpp (where installed) has run it
-        info = export_gguf(bundle.model, bundle.tokenizer, tmp, unquantized=unquantized)
-        ids, _ = _parity_inputs(bundle)
-        info["parity"] = gguf_parity(bundle.model, tmp, ids, threads=threads)
-    return {"model": bundle.name, "kind": bundle.kind, **info, "path": str(out)}
-
-
-def _export_checked(bundle: ModelBundle, path: Path, *, kv_cache: bool, int4_compute: str,
-                    threads: int | None) -> tuple[dict[str, Any], Any]:
-    """Write `bundle` to ONNX at `path` and compare onnxruntime's outputs with PyTorch's on real inputs:
-    (export info with `parity`, the open onnxruntime session)."""
-    from slimformer.export.onnx import OrtModel, export_onnx, parity
-
-    ids, mask = _parity_inputs(bundle)  # before writing: a model without a tokenizer fails with nothing written
-    info = export_onnx(bundle.model, bundle.kind, path, kv_cache=kv_cache, int4_compute=int4_compute)
-    session = OrtModel(path, bundle.kind, config=bundle.model.config, threads=threads)
-    info["parity"] = parity(bundle.model, session, ids, mask)
-    return info, session
-
-
-def save_hf(
-    model: str | Path | ModelBundle | nn.Module, output: str | Path, *, dtype: str = "float32", overwrite: bool = False,
-) -> dict[str, Any]:
-    """Write a plain Hugging Face folder (model.safetensors + config + tokenizer) that `transformers`
-    loads without slimformer: quantized layers as dense weights in `dtype` (float32, float16,
-    bfloat16), input scales folded in, activation quantization dropped (listed in the result's
-    `activation_quantization_dropped` and `warnings`). The folder is read back with plain
-    transformers and compared with this model on real inputs (`parity`, when a tokenizer is known).
-    UserError for models whose config cannot describe them (e.g. non-uniform structural pruning)."""
-    import torch
-
-    from slimformer.export.hf import save_hf_folder
-    from slimformer.models.loading import model_kind
-
-    if isinstance(model, nn.Module):
-        bundle = ModelBundle(model, None, model_kind(model.config), type(model).__name__)
-    else:
-        source = model.folder if isinstance(model, ModelBundle) else resolve_folder(model)
-        check_folder_output(output, protected=protected_paths(source), overwrite=overwrite)
-        bundle = load_bundle(model) if not isinstance(model, ModelBundle) else model
-    info = save_hf_folder(bundle.model, bundle.tokenizer, Path(output), dtype=dtype, overwrite=overwrite)
-    if bundle.tokenizer is not None:
-        ids, mask = _parity_inputs(bundle)
-        plain = load_bundle(info["path"], tokenizer=False).model.float()
-        with torch.inference_mode():
-            info["parity"] = _output_parity(bundle, plain, ids, mask)
-    return {"model": bundle.name, "kind": bundle.kind, **info}
-
-
-def save_compressed(model: str | Path | ModelBundle, output: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
-    """Write a compressed-tensors Hugging Face folder (what llm-compressor writes and vLLM serves):
-    our integer codes packed as `pack-quantized` (weight-only) or `int-quantized` (W8A8), with the
-    `quantization_config` transformers and vLLM read. What the format cannot hold is a UserError."""
-    from slimformer.export.compressed_tensors import save_compressed_tensors
-
-    source = model.folder if isinstance(model, ModelBundle) else resolve_folder(model)
-    out = check_folder_output(output, protected=protected_paths(source), overwrite=overwrite)
-    bundle = load_bundle(model) if not isinstance(model, ModelBundle) else model
-    return {"model": bundle.name, "kind": bundle.kind,
-            **save_compressed_tensors(bundle.model, bundle.tokenizer, out, overwrite=overwrite)}
-
-
-def _output_parity(bundle: ModelBundle, other: nn.Module, ids: Any, mask: Any) -> dict[str, float]:
-    """Cosine and max/mean |error| of `other`'s outputs vs the bundle's model, over unmasked positions."""
-    import torch
-
-    from slimformer.quant.int8_kernels import emulate_int_mm
-
-    field = "logits" if bundle.kind == "decoder" else "last_hidden_state"
-    with emulate_int_mm(bundle.model):
-        ref = getattr(bundle.model(input_ids=ids, attention_mask=mask), field).float()[mask.bool()]
-    got = getattr(other(input_ids=ids, attention_mask=mask), field).float()[mask.bool()]
-    ref, got = ref.double(), got.double()  # float32 sums over millions of values read cosines above 1
-    err = (got - ref).abs()
-    cosine = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0)
-    return {"cosine": round(float(cosine), 6), "max_abs_err": float(err.max()), "mean_abs_err": float(err.mean())}
-
-
-def _parity_inputs(bundle: ModelBundle) -> tuple[Any, Any]:
-    """Real token ids and mask for the export check (UserError without a tokenizer)."""
-    import torch
-
-    if bundle.tokenizer is None:
-        raise UserError(f"model '{bundle.name}' has no tokenizer: the export check needs one.")
-    if bundle.kind == "decoder":
-        ids = lm_windows(bundle.tokenizer, load_data("lee-news", "eval").joined(), 128, 2)
-        return ids, torch.ones_like(ids)
-    enc = bundle.tokenizer(list(load_data("tweets", "eval").texts[:16]), padding=True, truncation=True,
-                           max_length=128, return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"]
-
-
 def _step_metrics(bundle: ModelBundle, work: nn.Module, data: EvalData, settings: EvalSettings) -> dict[str, Any]:
     """The model after one step of several, measured like `compressed` (size: as it would be saved)."""
     current = ModelBundle(work, bundle.tokenizer, bundle.kind, bundle.name)
     metrics = measure(current, data, settings)
     metrics["size_bytes"] = _saved_bytes(current, None)
     return metrics
-
-
-def _export_stage(bundle: ModelBundle, spec: ExportSpec, folder: Path, data: EvalData, settings: EvalSettings) -> dict[str, Any]:
-    """The recipe's export stage: write `folder/model.onnx` (or .gguf), check it against PyTorch on real
-    inputs, and measure it in its runtime with the same data and latency settings as the other stages."""
-    if spec.format == "gguf":
-        return _gguf_stage(bundle, spec, folder / spec.file, data, settings)
-    path = folder / spec.file
-    info, session = _export_checked(bundle, path, kv_cache=spec.kv_cache, int4_compute=spec.int4_compute,
-                                    threads=settings.threads)
-    metrics = measure(ModelBundle(session, bundle.tokenizer, bundle.kind, bundle.name), data, settings)
-    for key in ("params", "nonzero_params"):  # a session has no torch parameters to count
-        metrics.pop(key, None)
-    metrics["size_bytes"] = info["bytes"]
-    return {**spec.to_dict(), "file": path.name, "runtime": "onnxruntime", "layers_swapped": info.get("layers_swapped"),
-            "opset": info.get("opset"), "export_s": round(info["seconds"], 2), "parity": info["parity"], "metrics": metrics}
-
-
-def _gguf_stage(bundle: ModelBundle, spec: ExportSpec, path: Path, data: EvalData, settings: EvalSettings) -> dict[str, Any]:
-    """The GGUF export stage: the file is written and checked like `export --format gguf`; where
-    llama.cpp is installed it is measured there on the same windows, else the stage says so."""
-    from slimformer.export.gguf import export_gguf
-    from slimformer.export.gguf_parity import gguf_parity, llama_cpp_available
-
-    info = export_gguf(bundle.model, bundle.tokenizer, path, unquantized=spec.unquantized)
-    ids, _ = _parity_inputs(bundle)
-    stage = {**spec.to_dict(), "file": path.name, "runtime": "llama.cpp", "tensors": info["tensors"],
-             "layers_from_codes": info["layers_from_codes"], "export_s": round(info["seconds"], 2),
-             "parity": gguf_parity(bundle.model, path, ids, threads=settings.threads)}
-    if llama_cpp_available():
-        from slimformer.evaluate.llamacpp import measure_gguf
-
-        stage["metrics"] = measure_gguf(path, data.windows, settings)
-    else:
-        stage["note"] = "llama.cpp is not installed (`make llamacpp`): the file was written but not measured"
-    return stage
 
 
 def _distributions(bundle: ModelBundle, work: nn.Module, data: EvalData, settings: EvalSettings) -> Comparison:
@@ -456,4 +277,4 @@ def summary_table(report: dict[str, Any]) -> str:
     return metrics_table({"baseline": report["baseline"], "compressed": report["compressed"]})
 
 
-__all__ = ["compress", "evaluate", "export", "load", "save_hf", "summary_table"]
+__all__ = ["compress", "evaluate", "export", "export_gguf_file", "load", "save_compressed", "save_hf", "summary_table"]

@@ -27,7 +27,7 @@ FINGERPRINT = "fingerprint.json"
 
 
 def _stored_classes() -> dict[str, type[nn.Module]]:
-    from slimformer.export.artifact import MODULE_CLASSES  # late: artifact imports the quant layers
+    from slimformer.artifact import MODULE_CLASSES  # late: artifact imports the quant layers
 
     return MODULE_CLASSES
 

@@ -15,18 +15,24 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimformer", description="Compress Transformer models and measure the result.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_compress, _add_evaluate, _add_export, _add_bench):
+        add(sub)
+    return parser
 
-    def eval_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--eval", metavar="DATA", help="evaluation data: lee-news, tweets, or a .txt/.jsonl/.csv path")
-        p.add_argument("--max-windows", type=int, help="evaluate perplexity on the first N 512-token windows only")
-        p.add_argument("--latency-batch", type=int, default=1)
-        p.add_argument("--latency-seq", type=int, default=128)
-        p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
-        p.add_argument("--decode-context", type=int, default=512,
-                       help="decoders: time one-token decode after a prompt of this many tokens (0: skip; default 512)")
-        p.add_argument("--threads", type=int, help="threads for latency (default: torch's current setting)")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+def _eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval", metavar="DATA", help="evaluation data: lee-news, tweets, or a .txt/.jsonl/.csv path")
+    p.add_argument("--max-windows", type=int, help="evaluate perplexity on the first N 512-token windows only")
+    p.add_argument("--latency-batch", type=int, default=1)
+    p.add_argument("--latency-seq", type=int, default=128)
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--decode-context", type=int, default=512,
+                   help="decoders: time one-token decode after a prompt of this many tokens (0: skip; default 512)")
+    p.add_argument("--threads", type=int, help="threads for latency (default: torch's current setting)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_compress(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("compress", help="compress MODEL with a recipe and write DIR")
     c.add_argument("model", help="built-in alias (smollm2-135m, minilm-l6) or a local Hugging Face folder")
     c.add_argument("--recipe", required=True, help="recipe YAML file")
@@ -41,13 +47,17 @@ def _parser() -> argparse.ArgumentParser:
                         "windows: a report section and distribution.png")
     c.add_argument("--no-step-metrics", action="store_true",
                    help="recipes of several steps: skip measuring the model after each step (only before and after)")
-    eval_options(c)
+    _eval_options(c)
 
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("evaluate", help="measure a model or a compressed folder")
     e.add_argument("model", help="alias, Hugging Face folder, slimformer output folder, or .gguf file (llama.cpp)")
     e.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
-    eval_options(e)
+    _eval_options(e)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     x = sub.add_parser("export", help="export a model or compressed folder for another runtime (ONNX) or as a "
                                       "plain Hugging Face folder")
     x.add_argument("model", help="alias, Hugging Face folder, or slimformer output folder")
@@ -70,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--threads", type=int, help="onnxruntime threads for the parity check")
     x.add_argument("--json", metavar="FILE", help="also write the export summary as JSON")
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="latency and throughput of one or more models (torch or onnxruntime)")
     b.add_argument("models", nargs="+", metavar="MODEL_OR_DIR",
                    help="alias, Hugging Face folder, slimformer output folder, or .onnx file (onnxruntime)")
@@ -85,7 +97,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="decoders: prefill length, and the context of per-token decode (default 512; 0 skips)")
     b.add_argument("--compare", action="store_true", help="one side-by-side table with ratios to the first model")
     b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    return parser
 
 
 def _settings(args: argparse.Namespace):  # -> EvalSettings
@@ -109,94 +120,113 @@ def _settings(args: argparse.Namespace):  # -> EvalSettings
 def _run(args: argparse.Namespace) -> int:
     import transformers
 
-    from slimformer import api
-    from slimformer.evaluate.report import metrics_table, stage_columns
-
     transformers.logging.set_verbosity_error()  # the CLI owns this process: keep its output readable
     transformers.utils.logging.disable_progress_bar()
     json_out = _json_output(args)  # checked before any work: a bad --json path fails in a second
-    if args.command == "compress":
-        report = api.compress(
-            args.model, Path(args.recipe), calib=args.calib, eval=_settings(args),
-            output=args.output, overwrite=args.overwrite, progress=not args.quiet, resume=args.resume,
-        )
-        if "compressed" not in report:  # a torchrun rank other than 0: rank 0 reports and writes
-            return 0
-        print(f"\n{report['model']} on {report['eval_data']}:\n")
-        print(api.summary_table(report))
-        stages = stage_columns(report)
-        if len(stages) > 2:
-            print("\nafter each stage:\n")
-            print(metrics_table(stages))
-        print(f"\nwrote {args.output} in {report['wall_s']:.1f} s")
-    elif args.command == "evaluate":
-        result = api.evaluate(args.model, _settings(args))
-        print(f"\n{result['model']} on {result['eval_data']}:\n")
-        print(metrics_table({result["model"]: result["metrics"]}))
-        if json_out:
-            write_text_atomic(json_out, json.dumps(result, indent=2))
-    elif args.command == "bench":
-        from slimformer.evaluate.bench import BenchSettings, bench, compare_table
-
-        settings = BenchSettings(runtime=args.runtime, batch=args.batch, seq=args.seq, threads=args.threads,
-                                 runs=args.runs, warmup=args.warmup, prefill=args.prefill)
-        report = bench(args.models, settings, progress=print)
-        if args.compare:
-            print("\n" + compare_table(report))
-        else:
-            for result in report["results"]:
-                print("\n" + compare_table({"settings": report["settings"], "results": [result]}, ratios=False))
-        if json_out:
-            write_text_atomic(json_out, json.dumps(report, indent=2))
-    elif args.command == "export" and args.format == "hf":
-        result = api.export(args.model, args.output, format="hf", overwrite=args.overwrite, dtype=args.dtype)
-        print(f"wrote {result['path']}: {result['bytes'] / 1e6:.1f} MB, {result['dtype']} weights, "
-              f"{result['layers_dequantized']} quantized layers dequantized, "
-              f"{result['input_scales_folded']} input scales folded into weights")
-        for warning in result["warnings"]:
-            print(f"warning: {warning}")
-        if "parity" in result:
-            p = result["parity"]
-            print(f"plain transformers vs slimformer on real inputs: cosine {p['cosine']:.6f}, "
-                  f"max |error| {p['max_abs_err']:.3g}")
-        if json_out:
-            write_text_atomic(json_out, json.dumps(result, indent=2))
-    elif args.command == "export" and args.format == "compressed-tensors":
-        result = api.export(args.model, args.output, format="compressed-tensors", overwrite=args.overwrite)
-        groups = "; ".join(f"{g['scheme']} x {g['layers']}" for g in result["config_groups"])
-        print(f"wrote {result['path']}: {result['bytes'] / 1e6:.1f} MB, {result['quant_format']} ({groups}), "
-              f"{len(result['layers_float'])} layers left in float")
-        for warning in result["warnings"]:
-            print(f"warning: {warning}")
-        if json_out:
-            write_text_atomic(json_out, json.dumps(result, indent=2))
-    elif args.command == "export" and args.format == "gguf":
-        result = api.export(args.model, args.output, format="gguf", overwrite=args.overwrite, threads=args.threads,
-                            unquantized=args.unquantized)
-        kinds = ", ".join(f"{n} {k}" for k, n in sorted(result["tensors"].items()))
-        print(f"wrote {result['path']}: {result['bytes'] / 1e6:.1f} MB ({kinds}), {result['layers_from_codes']} "
-              f"layers carried from their integer codes, {result['seconds']} s")
-        for warning in result.get("warnings", []):
-            print(f"warning: {warning}")
-        p = result["parity"]
-        if p is None:
-            print("llama.cpp is not installed (`make llamacpp`): the file was not run here")
-        else:
-            print(f"llama.cpp vs PyTorch on real inputs: cosine {p['cosine']:.6f}, max |error| {p['max_abs_err']:.3g}, "
-                  f"top-1 agreement {p['top1_agreement']:.3f}")
-        if json_out:
-            write_text_atomic(json_out, json.dumps(result, indent=2))
-    elif args.command == "export":
-        result = api.export(args.model, args.output, format=args.format, overwrite=args.overwrite, threads=args.threads,
-                            kv_cache=args.kv_cache, int4_compute=args.int4_compute)
-        p = result["parity"]
-        print(f"wrote {result['path']}: {result['bytes'] / 1e6:.1f} MB, opset {result['opset']}, "
-              f"{result['layers_swapped']} quantized layers exported, {result['seconds']} s")
-        print(f"onnxruntime vs PyTorch on real inputs: cosine {p['cosine']:.6f}, max |error| {p['max_abs_err']:.3g}, "
-              f"mean |error| {p['mean_abs_err']:.3g}")
-        if json_out:
-            write_text_atomic(json_out, json.dumps(result, indent=2))
+    command = {"compress": _compress, "evaluate": _evaluate, "bench": _bench, "export": _export}[args.command]
+    result = command(args)
+    if json_out and result is not None:
+        write_text_atomic(json_out, json.dumps(result, indent=2))
     return 0
+
+
+def _compress(args: argparse.Namespace) -> None:
+    from slimformer import api
+    from slimformer.evaluate.report import metrics_table, stage_columns
+
+    report = api.compress(
+        args.model, Path(args.recipe), calib=args.calib, eval=_settings(args),
+        output=args.output, overwrite=args.overwrite, progress=not args.quiet, resume=args.resume,
+    )
+    if "compressed" not in report:  # a torchrun rank other than 0: rank 0 reports and writes
+        return
+    print(f"\n{report['model']} on {report['eval_data']}:\n")
+    print(api.summary_table(report))
+    stages = stage_columns(report)
+    if len(stages) > 2:
+        print("\nafter each stage:\n")
+        print(metrics_table(stages))
+    print(f"\nwrote {args.output} in {report['wall_s']:.1f} s")
+
+
+def _evaluate(args: argparse.Namespace) -> dict:
+    from slimformer import api
+    from slimformer.evaluate.report import metrics_table
+
+    result = api.evaluate(args.model, _settings(args))
+    print(f"\n{result['model']} on {result['eval_data']}:\n")
+    print(metrics_table({result["model"]: result["metrics"]}))
+    return result
+
+
+def _bench(args: argparse.Namespace) -> dict:
+    from slimformer.evaluate.bench import BenchSettings, bench, compare_table
+
+    settings = BenchSettings(runtime=args.runtime, batch=args.batch, seq=args.seq, threads=args.threads,
+                             runs=args.runs, warmup=args.warmup, prefill=args.prefill)
+    report = bench(args.models, settings, progress=print)
+    if args.compare:
+        print("\n" + compare_table(report))
+    else:
+        for result in report["results"]:
+            print("\n" + compare_table({"settings": report["settings"], "results": [result]}, ratios=False))
+    return report
+
+
+def _export(args: argparse.Namespace) -> dict:
+    """`slimformer export`: the format's own options to `api.export`, then its one-screen summary."""
+    from slimformer import api
+
+    options = {"hf": {"dtype": args.dtype}, "compressed-tensors": {},
+               "gguf": {"threads": args.threads, "unquantized": args.unquantized},
+               "onnx": {"threads": args.threads, "kv_cache": args.kv_cache, "int4_compute": args.int4_compute}}
+    result = api.export(args.model, args.output, format=args.format, overwrite=args.overwrite,
+                        **options[args.format])
+    {"hf": _print_hf, "compressed-tensors": _print_compressed, "gguf": _print_gguf, "onnx": _print_onnx}[
+        args.format](result)
+    return result
+
+
+def _print_hf(result: dict) -> None:
+    print(f"wrote {result['path']}: {result['bytes'] / 1e6:.1f} MB, {result['dtype']} weights, "
+          f"{result['layers_dequantized']} quantized layers dequantized, "
+          f"{result['input_scales_folded']} input scales folded into weights")
+    for warning in result["warnings"]:
+        print(f"warning: {warning}")
+    if "parity" in result:
+        p = result["parity"]
+        print(f"plain transformers vs slimformer on real inputs: cosine {p['cosine']:.6f}, "
+              f"max |error| {p['max_abs_err']:.3g}")
+
+
+def _print_compressed(result: dict) -> None:
+    groups = "; ".join(f"{g['scheme']} x {g['layers']}" for g in result["config_groups"])
+    print(f"wrote {result['path']}: {result['bytes'] / 1e6:.1f} MB, {result['quant_format']} ({groups}), "
+          f"{len(result['layers_float'])} layers left in float")
+    for warning in result["warnings"]:
+        print(f"warning: {warning}")
+
+
+def _print_gguf(result: dict) -> None:
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(result["tensors"].items()))
+    print(f"wrote {result['path']}: {result['bytes'] / 1e6:.1f} MB ({kinds}), {result['layers_from_codes']} "
+          f"layers carried from their integer codes, {result['seconds']} s")
+    for warning in result.get("warnings", []):
+        print(f"warning: {warning}")
+    p = result["parity"]
+    if p is None:
+        print("llama.cpp is not installed (`make llamacpp`): the file was not run here")
+    else:
+        print(f"llama.cpp vs PyTorch on real inputs: cosine {p['cosine']:.6f}, max |error| {p['max_abs_err']:.3g}, "
+              f"top-1 agreement {p['top1_agreement']:.3f}")
+
+
+def _print_onnx(result: dict) -> None:
+    p = result["parity"]
+    print(f"wrote {result['path']}: {result['bytes'] / 1e6:.1f} MB, opset {result['opset']}, "
+          f"{result['layers_swapped']} quantized layers exported, {result['seconds']} s")
+    print(f"onnxruntime vs PyTorch on real inputs: cosine {p['cosine']:.6f}, max |error| {p['max_abs_err']:.3g}, "
+          f"mean |error| {p['mean_abs_err']:.3g}")
 
 
 def _json_output(args: argparse.Namespace) -> Path | None:

@@ -7,7 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
 from tqdm.auto import tqdm
+
+from slimformer.data.windows import calibration_windows
+from slimformer.errors import UserError
 
 
 @dataclass
@@ -24,6 +28,13 @@ class StepContext:
     fingerprint: str | None = None  # the run's: stored with every checkpoint, checked on restore
     # training steps: the frozen model as it was before the recipe (the distillation teacher)
     teacher: Any = None
+
+    def calibration_windows(self, num_samples: int, seq_len: int, method: str) -> Tensor:
+        """(num_samples, seq_len) token windows of the calibration text (BOS-first where the
+        tokenizer prepends BOS); UserError naming `method` when there is no text or tokenizer."""
+        if self.calib is None or self.tokenizer is None:
+            raise UserError(f"{method} needs calibration data (--calib, or calib= in Python) and a tokenizer.")
+        return calibration_windows(self.tokenizer, self.calib, num_samples, seq_len)
 
 
 def track(ctx: StepContext | None, items: Iterable, desc: str, total: int | None = None) -> Iterable:

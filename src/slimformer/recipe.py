@@ -17,6 +17,8 @@ export:              # optional: also write model.onnx, run it in onnxruntime an
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -162,6 +164,25 @@ class Recipe:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def apply(self, model: Any, ctx: Any = None, *, checkpoints: Path | None = None,
+              after_step: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        """Run every step on `model` in place, in order (the export stage is not run here).
+
+        Returns one dict per step: the method, its recipe keys, what the method returned, wall_s.
+        ctx: the StepContext the methods read (tokenizer, calibration data...); with `checkpoints`,
+        step i saves and resumes its blocks under checkpoints/step{i}. after_step(i, info) runs
+        after each step (e.g. to measure the model between steps)."""
+        infos = []
+        for i, step in enumerate(self.steps):
+            start = time.perf_counter()
+            step_ctx = dataclasses.replace(ctx, checkpoint=checkpoints / f"step{i}") if checkpoints else ctx
+            info = get_method(step.method).apply(model, step.config, step_ctx)
+            infos.append({"method": step.method, **step.to_dict(), **info,
+                          "wall_s": round(time.perf_counter() - start, 2)})
+            if after_step is not None:
+                after_step(i, infos[-1])
+        return infos
 
 
 def _refuse_aliases(text: str, where: str) -> None:

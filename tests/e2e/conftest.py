@@ -39,7 +39,7 @@ def tiny_dirs(tmp_path_factory, smollm_bundle, minilm_bundle) -> dict[str, Path]
 @pytest.fixture
 def artifact(tmp_path, tiny_dirs) -> Path:
     """A slimformer artifact of the tiny Llama (float weights), written with its tokenizer."""
-    from slimformer.export.artifact import save_artifact
+    from slimformer.artifact import save_artifact
 
     folder = tmp_path / "art"
     folder.mkdir()

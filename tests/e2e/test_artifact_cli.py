@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 
+from slimformer.artifact import WEIGHTS
 from slimformer.cli import main
-from slimformer.export.artifact import WEIGHTS
 
 
 def _evaluate(folder: Path) -> int:
@@ -32,7 +32,7 @@ def test_damaged_tokenizer_is_reported_as_corruption(artifact, capsys) -> None:
 
 
 def test_newer_format_version_exit_2(artifact, capsys) -> None:
-    from slimformer.export.artifact import MANIFEST_DIGEST, manifest_digest
+    from slimformer.artifact import MANIFEST_DIGEST, manifest_digest
 
     manifest = json.loads((artifact / "manifest.json").read_text())
     manifest["format_version"] = 7

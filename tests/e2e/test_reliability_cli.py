@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from slimformer.artifact import MANIFEST_DIGEST, manifest_digest
 from slimformer.cli import main
-from slimformer.export.artifact import MANIFEST_DIGEST, manifest_digest
 from slimformer.outputs import OutputLock
 
 RTN = "steps:\n  - method: rtn\n    bits: 4\n    group_size: 32\n"

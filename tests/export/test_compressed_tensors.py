@@ -25,8 +25,8 @@ from slimformer.data.windows import lm_windows
 from slimformer.errors import UserError
 from slimformer.export.compressed_tensors import layer_scheme, layer_tensors, save_compressed_tensors
 from slimformer.export.ct_packing import pack_int32, to_signed, unpack_int32
+from slimformer.layers import emulate_int_mm
 from slimformer.quant.dynamic import DynamicConfig, dynamic
-from slimformer.quant.int8_kernels import emulate_int_mm
 from slimformer.quant.qlinear import QuantLinear
 from slimformer.quant.rtn import RTNConfig, rtn
 from slimformer.quant.static import StaticConfig, static

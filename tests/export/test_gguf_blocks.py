@@ -13,7 +13,7 @@ from gguf.quants import dequantize as ggml_dequantize
 from slimformer.export.gguf_blocks import (
     BLOCK_TYPES, QK, block_type, blockable, offsets_fp16, pack_blocks, per_block, rope_row_order,
 )
-from slimformer.quant.qscheme import QParams, dequantize, group_bounds, qrange
+from slimformer.quant.qscheme import QParams, dequantize, n_groups, qrange
 
 GROUPS = [(32, 256), (64, 256), (128, 256), (128, 320), (-1, 256), (0, 256)]  # (group_size, in_features)
 
@@ -23,7 +23,7 @@ def _random_qparams(bits: int, symmetric: bool, group_size: int, in_f: int, out_
     g = torch.Generator().manual_seed(seed)
     qmin, qmax = qrange(bits, symmetric)
     codes = torch.randint(qmin, qmax + 1, (out_f, in_f), generator=g, dtype=torch.int16)
-    shape = (1, 1) if group_size == 0 else (out_f, group_bounds(in_f, group_size))
+    shape = (1, 1) if group_size == 0 else (out_f, n_groups(in_f, group_size))
     scale = torch.exp2(torch.rand(shape, generator=g) * 10 - 14).half()  # 2^-14 .. 2^-4, subnormals below 2^-14
     if scale.numel() > 1:
         scale[-1, -1] = 3e-7  # an fp16 subnormal scale

@@ -6,30 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from tiny import tiny_ctx  # tests/tiny.py
 
+from slimformer.artifact import load_artifact, read_manifest, save_artifact
 from slimformer.config import build_config
 from slimformer.context import StepContext
-from slimformer.data.sources import TextData
 from slimformer.errors import UserError
-from slimformer.export.artifact import load_artifact, read_manifest, save_artifact
 from slimformer.models.layout import select_linears, weight_view
 from slimformer.quant.qlinear import QuantLinear
 from slimformer.quant.qscheme import expand_groups
 from slimformer.registry import get_method
 
 
-class CharTokenizer:
-    """Characters as token ids (mod 64), no BOS: enough for calibration windows."""
-
-    bos_token_id = None
-
-    def __call__(self, text: str, add_special_tokens: bool = True, verbose: bool = False) -> dict:
-        return {"input_ids": [ord(c) % 64 for c in text]}
-
-
 def _ctx(kind: str = "decoder") -> StepContext:
-    text = " ".join(f"sentence {i} about pruning tiny random language models" for i in range(60))
-    return StepContext(tokenizer=CharTokenizer(), kind=kind, calib=TextData("synthetic", (text,)), progress=False)
+    return tiny_ctx(" ".join(f"sentence {i} about pruning tiny random language models" for i in range(60)), kind)
 
 
 def _llama() -> torch.nn.Module:

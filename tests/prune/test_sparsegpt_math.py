@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from slimformer.calibrate.hessian_math import accumulate_hessian
 from slimformer.prune.magnitude_math import layer_masks
 from slimformer.prune.nm_math import nm_masks
 from slimformer.prune.sparsegpt_math import sparsegpt_prune
-from slimformer.quant.gptq_math import accumulate_hessian
 from slimformer.quant.qscheme import dequantize, expand_groups
 
 

@@ -18,7 +18,6 @@ from slimformer.evaluate.measure import EvalSettings
 from slimformer.models.structure import block_parts
 from slimformer.models.zoo import resolve_alias
 from slimformer.recipe import Recipe
-from slimformer.registry import get_method
 
 FAST_EVAL = EvalSettings(max_windows=2, latency=False, progress=False)
 
@@ -42,8 +41,7 @@ def _run_steps(folder: Path, recipe: Recipe) -> torch.nn.Module:
     bundle = slimformer.models.loading.load_bundle(folder)
     ctx = StepContext(tokenizer=bundle.tokenizer, kind="decoder", calib=load_data("lee-news", "calib"), progress=False)
     model = copy.deepcopy(bundle.model)
-    for step in recipe.steps:
-        get_method(step.method).apply(model, step.config, ctx)
+    recipe.apply(model, ctx)
     return model
 
 
@@ -88,7 +86,7 @@ def test_uniform_pruning_loads_with_plain_transformers(tiny_llama: Path, tmp_pat
 
 
 def test_pruned_then_quantized_round_trip(tmp_path: Path) -> None:
-    from slimformer.export.artifact import load_artifact, save_artifact
+    from slimformer.artifact import load_artifact, save_artifact
     from slimformer.prune.structured import HeadsConfig, NeuronsConfig, heads, neurons
     from slimformer.quant.rtn import RTNConfig, rtn
 

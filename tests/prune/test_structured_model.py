@@ -8,10 +8,10 @@ import copy
 import pytest
 import torch
 import transformers
+from tiny import CharTokenizer, tiny_ctx  # tests/tiny.py
 
 from slimformer.config import build_config
 from slimformer.context import StepContext
-from slimformer.data.sources import TextData
 from slimformer.errors import UserError
 from slimformer.models.structure import block_parts
 from slimformer.prune.structured import HeadsConfig, LayersConfig, NeuronsConfig, heads, layers, neurons
@@ -38,18 +38,8 @@ def _bert() -> transformers.PreTrainedModel:
     return transformers.BertModel(config).eval()
 
 
-class _CharTokenizer:
-    """Enough of a tokenizer for calibration windows: one id per character."""
-
-    bos_token_id = None
-
-    def __call__(self, text: str, add_special_tokens: bool = True, verbose: bool = False) -> dict:
-        return {"input_ids": [1 + ord(c) % 63 for c in text]}
-
-
 def _ctx(kind: str = "decoder") -> StepContext:
-    text = "the quick brown fox jumps over the lazy dog. " * 40
-    return StepContext(tokenizer=_CharTokenizer(), kind=kind, calib=TextData("tiny", (text,)), progress=False)
+    return tiny_ctx("the quick brown fox jumps over the lazy dog. " * 40, kind, CharTokenizer(first=1))
 
 
 IDS = torch.randint(1, 64, (2, 16), generator=torch.Generator().manual_seed(1))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import torch
 import transformers
+from tiny import tiny_llama as shared_llama  # tests/tiny.py
 
 from slimformer.context import StepContext
 from slimformer.data.sources import load_data
@@ -21,11 +21,9 @@ class ByteTokenizer:
 
 
 def tiny_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                      initializer_range=0.2)  # sharper logits than the default 0.02
-    return transformers.LlamaForCausalLM(config).eval()
+    # sharper logits than the default initializer_range 0.02
+    return shared_llama(seed, vocab_size=VOCAB, hidden_size=32, intermediate_size=64, max_position_embeddings=128,
+                        initializer_range=0.2)
 
 
 def tiny_ctx() -> StepContext:

@@ -9,12 +9,13 @@ import copy
 import pytest
 import torch
 import transformers
+from tiny import tiny_ctx  # tests/tiny.py
 
+from slimformer.artifact import load_artifact, save_artifact
 from slimformer.context import StepContext
-from slimformer.data.sources import TextData, load_data
+from slimformer.data.sources import load_data
 from slimformer.errors import UserError
 from slimformer.evaluate.perplexity import perplexity
-from slimformer.export.artifact import load_artifact, save_artifact
 from slimformer.quant.awq import AWQConfig, awq
 from slimformer.quant.awq_fold import can_fold, fold_groups, fold_scale
 from slimformer.quant.qlinear import QuantLinear
@@ -24,18 +25,8 @@ from slimformer.quant.rtn import RTNConfig, rtn
 FOLD_VS_RTN = 0.95
 
 
-class CharTokenizer:
-    """Characters as token ids (mod 64), no BOS: enough for calibration windows."""
-
-    bos_token_id = None
-
-    def __call__(self, text: str, add_special_tokens: bool = True, verbose: bool = False) -> dict:
-        return {"input_ids": [ord(c) % 64 for c in text]}
-
-
 def _ctx() -> StepContext:
-    text = " ".join(f"sentence {i} about folding scales into tiny random language models" for i in range(60))
-    return StepContext(tokenizer=CharTokenizer(), calib=TextData("synthetic", (text,)), progress=False)
+    return tiny_ctx(" ".join(f"sentence {i} about folding scales into tiny random language models" for i in range(60)))
 
 
 def _llama(kv_heads: int) -> torch.nn.Module:

@@ -8,11 +8,11 @@ import copy
 import pytest
 import torch
 
+from slimformer.artifact import load_artifact, save_artifact
 from slimformer.context import StepContext
 from slimformer.data.sources import load_data
 from slimformer.errors import UserError
 from slimformer.evaluate.perplexity import perplexity
-from slimformer.export.artifact import load_artifact, save_artifact
 from slimformer.quant.awq import AWQConfig, awq
 from slimformer.quant.qlinear import QuantLinear
 from slimformer.quant.rtn import RTNConfig, rtn

@@ -13,8 +13,8 @@ from torch import nn
 from slimformer.data.sources import load_data
 from slimformer.evaluate.embedding import embed, mean_cosine
 from slimformer.errors import UserError
+from slimformer.layers import emulate_int_mm, set_int_kernel
 from slimformer.quant.dynamic import DynamicConfig, dynamic
-from slimformer.quant.int8_kernels import emulate_int_mm, set_int_kernel
 from slimformer.quant.qlinear import QuantLinear
 from slimformer.quant.qscheme import sqnr_db
 

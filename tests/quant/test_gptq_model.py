@@ -5,25 +5,14 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 
 from slimformer.context import StepContext
 from slimformer.data.sources import load_data
 from slimformer.errors import UserError
 from slimformer.evaluate.perplexity import perplexity
-from slimformer.quant.gptq import GPTQConfig, HessianCollector, gptq
+from slimformer.quant.gptq import GPTQConfig, gptq
 from slimformer.quant.qlinear import QuantLinear
 from slimformer.quant.rtn import RTNConfig, rtn
-
-
-def test_collector_shares_hessians_of_identical_inputs() -> None:
-    hc = HessianCollector("gptq", seq_len=4, sink_weight=10.0)
-    x, y = torch.randn(8, 3), torch.randn(8, 3)
-    for name, t in (("q", x), ("k", x), ("o", y)):
-        hc(name, t)
-    assert hc.alias == {"k": "q"} and torch.equal(hc.get("k"), hc.get("q"))
-    w = torch.tensor([10.0, 1, 1, 1] * 2).unsqueeze(1)
-    assert torch.allclose(hc.get("o"), 2 * (y * w).T @ y / 8, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -8,11 +8,11 @@ import transformers
 from torch import nn
 
 from slimformer.api import load
+from slimformer.artifact import save_artifact
 from slimformer.config import build_config
 from slimformer.errors import UserError
-from slimformer.export.artifact import save_artifact
 from slimformer.quant.lut_linear import LUTLinear
-from slimformer.quant.nonlinear import CodebookConfig, Log2Config, NF4Config, codebook, log2, nf4
+from slimformer.quant.nonlinear import CodebookConfig, Log2Config, NF4Config, codebook
 from slimformer.quant.nonlinear_math import (
     absmax_scale, codebook_quantize, kmeans_1d, log2_codes, log2_levels, nf4_levels, scaled_codes,
 )

@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
+from slimformer.artifact import load_artifact, save_artifact
 from slimformer.evaluate.perplexity import perplexity
 from slimformer.evaluate.size import count_params
-from slimformer.export.artifact import load_artifact, save_artifact
 from slimformer.quant.lut_linear import LUTLinear
 from slimformer.quant.nonlinear import CodebookConfig, Log2Config, NF4Config, codebook, log2, nf4
 from slimformer.quant.rtn import RTNConfig, rtn

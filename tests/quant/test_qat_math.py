@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimformer.quant.qat_math import fake_quant, fp16_ste, grad_scale, lsq_grad_scale, quant_codes, weights_per_scale
+from slimformer.quant.qat_math import (
+    fake_quant_ste, fp16_ste, grad_scale, lsq_grad_scale, quant_codes, weights_per_scale,
+)
 from slimformer.quant.qscheme import compute_qparams, expand_groups, fake_quantize, qrange
 
 
@@ -16,7 +18,7 @@ def test_forward_equals_rtn_dequantized_exactly(bits: int, group_size: int, symm
     torch.manual_seed(bits)
     w = torch.randn(6, 10)
     deq, codes, qp = fake_quantize(w, bits, group_size, symmetric)
-    got = fake_quant(w, qp.scale.float(), qp.zero.float(), bits, group_size, symmetric)
+    got = fake_quant_ste(w, qp.scale.float(), qp.zero.float(), bits, group_size, symmetric)
     assert torch.equal(got, deq)
     assert torch.equal(quant_codes(w, qp.scale.float(), qp.zero.float(), bits, group_size, symmetric), codes)
 
@@ -27,7 +29,7 @@ def test_ste_gradient_is_one_inside_the_range_and_zero_outside(symmetric: bool) 
     zero = torch.full((1, 1), 0.0 if symmetric else 3.0)
     # codes: symmetric [-4, 3] -> w in [-2, 1.5]; asymmetric [0, 7] with z = 3 -> w in [-1.5, 2]
     w = torch.tensor([[-3.0, -1.2, -0.3, 0.0, 0.4, 1.1, 1.6, 2.5]], requires_grad=True)
-    fake_quant(w, scale, zero, bits, -1, symmetric).sum().backward()
+    fake_quant_ste(w, scale, zero, bits, -1, symmetric).sum().backward()
     inside = [0, 1, 1, 1, 1, 1, 0, 0] if symmetric else [0, 1, 1, 1, 1, 1, 1, 0]
     assert torch.equal(w.grad, torch.tensor([inside], dtype=torch.float32))
 
@@ -46,7 +48,7 @@ def test_lsq_scale_gradient_matches_finite_differences(symmetric: bool) -> None:
     zero = qp.zero.double()
     scale = s0.clone().requires_grad_(True)
     target = torch.randn(3, in_f, dtype=torch.float64)
-    ((fake_quant(w, scale, zero, bits, group_size, symmetric) - target) ** 2).sum().backward()
+    ((fake_quant_ste(w, scale, zero, bits, group_size, symmetric) - target) ** 2).sum().backward()
 
     qmin, qmax = qrange(bits, symmetric)
     z = expand_groups(zero, in_f, group_size) if not symmetric else torch.zeros(3, in_f, dtype=torch.float64)
@@ -79,7 +81,7 @@ def test_lsq_scale_gradient_matches_finite_differences(symmetric: bool) -> None:
 def test_zero_point_gradient_is_zero_inside_and_minus_scale_outside() -> None:
     w = torch.tensor([[-3.0, -0.4, 0.2, 0.9, 5.0]])
     scale, zero = torch.full((1, 1), 0.5), torch.full((1, 1), 3.0, requires_grad=True)  # range [-1.5, 2]
-    fake_quant(w, scale, zero, 3, -1, False).sum().backward()
+    fake_quant_ste(w, scale, zero, 3, -1, False).sum().backward()
     assert zero.grad.item() == pytest.approx(-0.5 * 2)  # two clipped weights, -s each
 
 

@@ -40,7 +40,7 @@ def test_qat_from_gptq_lowers_the_distillation_loss(lsq: bool, ratio: float) -> 
 
 
 def test_pruned_zeros_stay_zero_and_the_artifact_reloads(tmp_path) -> None:
-    from slimformer.export.artifact import load_artifact, save_artifact
+    from slimformer.artifact import load_artifact, save_artifact
     from slimformer.prune.magnitude import MagnitudeConfig, magnitude
 
     model, ctx = tiny_llama(), tiny_ctx()

@@ -9,7 +9,7 @@ import torch
 
 from slimformer.errors import UserError
 from slimformer.quant.qscheme import (
-    compute_qparams, dequantize, expand_groups, fake_quantize, group_bounds, qrange, quantize, sqnr_db,
+    compute_qparams, dequantize, expand_groups, fake_quantize, n_groups, qrange, quantize, sqnr_db,
 )
 from slimformer.recipe import Recipe
 
@@ -31,16 +31,16 @@ def test_round_trip_within_half_a_step(bits: int, symmetric: bool, group_size: i
     assert q.dtype == torch.int16 and q.shape == (6, 576)
     assert int(q.min()) >= qmin and int(q.max()) <= qmax
     assert qp.scale.dtype == torch.float16 and qp.zero.dtype == torch.int16
-    expected_shape = (1, 1) if group_size == 0 else (6, group_bounds(576, group_size))
+    expected_shape = (1, 1) if group_size == 0 else (6, n_groups(576, group_size))
     assert tuple(qp.scale.shape) == expected_shape and tuple(qp.zero.shape) == expected_shape
     if symmetric:
         assert bool((qp.zero == 0).all())
     assert bool(torch.isfinite(w_hat).all())
 
 
-def test_group_bounds() -> None:
-    assert group_bounds(576, 128) == 5 and group_bounds(576, 32) == 18
-    assert group_bounds(576, -1) == 1 and group_bounds(576, 0) == 1 and group_bounds(100, 1000) == 1
+def test_n_groups() -> None:
+    assert n_groups(576, 128) == 5 and n_groups(576, 32) == 18
+    assert n_groups(576, -1) == 1 and n_groups(576, 0) == 1 and n_groups(100, 1000) == 1
 
 
 def test_short_last_group_has_its_own_64_columns() -> None:

@@ -8,11 +8,11 @@ import copy
 import pytest
 import torch
 
+from slimformer.artifact import load_artifact, save_artifact
 from slimformer.context import StepContext
 from slimformer.data.sources import load_data
 from slimformer.evaluate.perplexity import perplexity
-from slimformer.export.artifact import load_artifact, save_artifact
-from slimformer.quant.int8_kernels import set_int_kernel
+from slimformer.layers import set_int_kernel
 from slimformer.quant.qlinear import QuantLinear
 from slimformer.quant.smoothquant import SmoothQuantConfig, smoothquant
 from slimformer.quant.static import StaticConfig, static

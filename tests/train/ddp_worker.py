@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]  # train_tiny, tests/tiny.py
 from train_tiny import gradual_task, tiny_llama, tiny_windows  # noqa: E402
 
 from slimformer.train import dist  # noqa: E402
-from slimformer.train.loop import TrainOptions, train  # noqa: E402
+from slimformer.train.loop import train  # noqa: E402
+from slimformer.train.task import TrainOptions  # noqa: E402
 from slimformer.train.tasks import SupervisedTask  # noqa: E402
 
 

@@ -7,7 +7,7 @@ import transformers
 
 from slimformer.train.classify import Classifier, fit, score, student_of
 from slimformer.train.data import TrainData
-from slimformer.train.loop import TrainOptions
+from slimformer.train.task import TrainOptions
 
 
 def _bert() -> transformers.BertModel:

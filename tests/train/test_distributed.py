@@ -13,7 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from train_tiny import tiny_llama, tiny_windows
 
-from slimformer.train.loop import TrainOptions, train
+from slimformer.train.loop import train
+from slimformer.train.task import TrainOptions
 from slimformer.train.tasks import SupervisedTask
 
 HERE = Path(__file__).parent

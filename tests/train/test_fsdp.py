@@ -13,8 +13,9 @@ from test_distributed import _torchrun
 from train_tiny import gradual_task, tiny_llama, tiny_windows
 
 from slimformer.errors import UserError
-from slimformer.train.loop import TrainOptions, train
+from slimformer.train.loop import train
 from slimformer.train.state_io import load_state
+from slimformer.train.task import TrainOptions
 from slimformer.train.tasks import SupervisedTask
 
 

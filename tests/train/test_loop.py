@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from slimformer.errors import UserError
-from slimformer.train.loop import TrainOptions, TrainState, train
+from slimformer.train.loop import train
+from slimformer.train.task import TrainOptions, TrainState
 from slimformer.train.tasks import SupervisedTask
 from train_tiny import tiny_llama, tiny_windows
 

@@ -7,7 +7,8 @@ import torch
 import transformers
 
 from slimformer.errors import UserError
-from slimformer.train.loop import TrainOptions, train
+from slimformer.train.loop import train
+from slimformer.train.task import TrainOptions
 from slimformer.train.tasks import DistillTask
 from train_tiny import tiny_llama, tiny_windows
 

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from slimformer.layers import emulate_int_mm, is_compressed
 from slimformer.models.layout import select_linears, weight_view
-from slimformer.quant.int8_kernels import emulate_int_mm
 
 Stats = dict[str, dict[str, dict[str, float]]]  # {layer: {"weight" | "activation": tensor_stats}}
 Histogram = tuple[Tensor, Tensor]  # counts (bins,), edges (bins + 1,)
@@ -72,7 +72,7 @@ def layer_distributions(
     handles = []
     for name, layer in layers.items():
         # (out, in); quantized layers report the float weight they compute with
-        w = layer.dequantized_weight() if hasattr(layer, "dequantized_weight") else weight_view(layer).float()
+        w = layer.dequantized_weight() if is_compressed(layer) else weight_view(layer).float()
         stats[name] = {"weight": tensor_stats(w)}  # (out, in): channels = inputs
         if name in keep:
             hists[name] = {"weight": histogram(w, bins)}

@@ -10,6 +10,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from slimformer.errors import UserError
+from slimformer.evaluate.divergence import mean_pool
 
 
 def _device(model: Any) -> torch.device:
@@ -42,9 +43,7 @@ def embed(
             enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
             enc = {k: v.to(device) for k, v in enc.items()}
             hidden = model(**enc).last_hidden_state.float()
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-            chunks.append(pooled.cpu())
+            chunks.append(mean_pool(hidden, enc["attention_mask"]).cpu())
     sorted_emb = torch.cat(chunks)
     out = torch.empty_like(sorted_emb)
     out[torch.tensor(order)] = sorted_emb

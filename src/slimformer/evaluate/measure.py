@@ -19,8 +19,8 @@ from slimformer.evaluate.embedding import embed, mean_cosine
 from slimformer.evaluate.latency import measure_decode, measure_latency
 from slimformer.evaluate.perplexity import perplexity
 from slimformer.evaluate.size import count_params
+from slimformer.layers import emulate_int_mm
 from slimformer.models.loading import ModelBundle
-from slimformer.quant.int8_kernels import emulate_int_mm
 
 DEFAULT_EVAL = {"decoder": "lee-news", "encoder": "tweets"}
 DEFAULT_CALIB = {"decoder": "lee-news", "encoder": "tweets"}

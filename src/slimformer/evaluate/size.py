@@ -7,15 +7,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimformer.layers import compressed_layers
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf", ".onnx", ".json")
 
 
 def count_params(model: nn.Module) -> dict[str, int]:
-    """Parameters (tied tensors counted once) and how many are non-zero; QuantLinear codes count
-    as that layer's weights."""
+    """Parameters (tied tensors counted once) and how many are non-zero; a compressed layer's codes
+    count as that layer's weights (`slimformer.layers`)."""
+    compressed = compressed_layers(model).values()
     seen: set[tuple] = set()
     total = nonzero = 0
-    for t in list(model.parameters()) + [b for n, b in model.named_buffers() if n.endswith(".codes")]:
+    for t in list(model.parameters()) + [m.codes for m in compressed]:
         key = (t.data_ptr(), tuple(t.shape))
         if key in seen:
             continue
@@ -23,9 +26,8 @@ def count_params(model: nn.Module) -> dict[str, int]:
         total += t.numel()
         nonzero += int(torch.count_nonzero(t))
     # a QuantLinear code equal to its zero point is a zero weight: count from the dequantized weight
-    for m in model.modules():
-        if getattr(m, "is_slimformer_linear", False):
-            nonzero -= int(torch.count_nonzero(m.codes)) - int(torch.count_nonzero(m.dequantized_weight()))
+    for m in compressed:
+        nonzero -= int(torch.count_nonzero(m.codes)) - int(torch.count_nonzero(m.dequantized_weight()))
     return {"params": total, "nonzero_params": nonzero}
 
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from slimformer.errors import UserError
+from slimformer.layers import compressed_layers
 from slimformer.outputs import atomic_folder
 from slimformer.export.ct_packing import pack_int32, to_signed
 from slimformer.export.hf import _skeleton, check_representable
@@ -190,7 +191,7 @@ def quantization_config(groups: dict[Scheme, list[str]], ignore: list[str], pool
 
 def _schemes(model: nn.Module) -> dict[str, Scheme]:
     """Quantized layer -> its scheme (UserError for the first layer that has none)."""
-    schemes = {n: layer_scheme(n, m) for n, m in model.named_modules() if getattr(m, "is_slimformer_linear", False)}
+    schemes = {n: layer_scheme(n, m) for n, m in compressed_layers(model).items()}
     if not schemes:
         raise UserError("the model has no quantized layers; write a plain folder with --format hf instead.")
     return schemes

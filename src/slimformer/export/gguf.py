@@ -41,7 +41,6 @@ neurons.
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -60,7 +59,9 @@ from slimformer.export.gguf_arch import (ArchSpec, Dims, Rope, arch_spec, config
                                          general_name, is_norm, model_dims, rope_plan, write_arch_metadata)
 from slimformer.export.gguf_blocks import QK, block_type, blockable, offsets_fp16, pack_blocks, per_block, rope_row_order
 from slimformer.export.gguf_vocab import vocab_metadata, write_vocab
+from slimformer.layers import is_compressed
 from slimformer.models.layout import find_blocks
+from slimformer.outputs import atomic_file
 from slimformer.quant.qlinear import QuantLinear
 
 UNQUANTIZED = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "q8_0": GGMLQuantizationType.Q8_0}
@@ -132,21 +133,18 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: Path, *, unquantized: st
         tensors.insert(0, _Tensor("rope_freqs.weight", rope.freqs, GGMLQuantizationType.F32))
     name, renamed = general_name(model, vocab.tokens)
     warnings += vocab.warnings + stats["warnings"] + renamed
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    writer = GGUFWriter(tmp, dims.arch)
-    try:
-        _write_metadata(writer, model, name, spec, sizes, rope, tensors)
-        write_vocab(writer, vocab)
-        for t in tensors:
-            writer.add_tensor(t.name, t.data, raw_dtype=t.kind if t.data.dtype == np.uint8 else None)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as tmp:
+        writer = GGUFWriter(tmp, dims.arch)
+        try:
+            _write_metadata(writer, model, name, spec, sizes, rope, tensors)
+            write_vocab(writer, vocab)
+            for t in tensors:
+                writer.add_tensor(t.name, t.data, raw_dtype=t.kind if t.data.dtype == np.uint8 else None)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()  # the file is complete (or abandoned) before it is renamed or removed
     return {"path": str(path), "bytes": path.stat().st_size, "seconds": round(time.perf_counter() - start, 2),
             "tensors": dict(Counter(t.kind.name for t in tensors)), "layers_from_codes": stats["from_codes"],
             "max_offset_rounding": stats["max_offset_rounding"], "warnings": warnings}
@@ -154,7 +152,7 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: Path, *, unquantized: st
 
 def _matrix_shape(module: nn.Module) -> tuple[int, ...]:
     """(rows, columns) of a layer as torch stores its weight; codes and plain weights alike."""
-    if getattr(module, "is_slimformer_linear", False):
+    if is_compressed(module):
         return (module.out_features, module.in_features)
     return tuple(module.weight.shape)
 
@@ -243,7 +241,7 @@ def _tensors(
     out, stats = [], {"from_codes": 0, "max_offset_rounding": 0.0, "warnings": []}
     for name, base, module in _named_parts(model, spec, sizes.file):
         leaf, dims = base.rpartition(".")[2], sizes.of(base)
-        coded = getattr(module, "is_slimformer_linear", False)
+        coded = is_compressed(module)
         shape = _matrix_shape(module)
         want = expected_shape(leaf, dims, spec)
         if shape != want:

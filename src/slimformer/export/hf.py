@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from slimformer.errors import UserError
+from slimformer.layers import compressed_layers
 from slimformer.outputs import atomic_folder
 from slimformer.export.onnx_ops import dense_linear
 from slimformer.models.structure import describe_structure, sync_config
@@ -37,7 +38,7 @@ def dense_copy(model: nn.Module) -> tuple[nn.Module, dict[str, list[str]]]:
     model = copy.deepcopy(model).eval()
     skeleton = _skeleton(model)
     notes: dict[str, list[str]] = {"dequantized": [], "folded": [], "activation_quantization_dropped": []}
-    layers = [(n, m) for n, m in model.named_modules() if getattr(m, "is_slimformer_linear", False)]
+    layers = list(compressed_layers(model).items())
     for name, layer in layers:
         dense = dense_linear(layer)  # dequantized_weight() already divides by an input scale
         if isinstance(_get(skeleton, name), Conv1D):  # GPT-2 keeps (in, out) weights

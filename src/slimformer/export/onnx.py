@@ -10,7 +10,6 @@ Hugging Face model, so perplexity, embeddings, probes and latency measure it unc
 from __future__ import annotations
 
 import copy
-import os
 import time
 import warnings
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import Tensor, nn
 
 from slimformer.errors import UserError
 from slimformer.export.onnx_ops import INT4_COMPUTE, export_form
+from slimformer.outputs import atomic_file
 
 OPSET = 17
 OUTPUT_NAMES = {"decoder": "logits", "encoder": "last_hidden_state"}
@@ -125,7 +125,6 @@ def export_onnx(
     vocab = _vocab_size(model)
     ids = torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     field = OUTPUT_NAMES[kind]  # the output's name tells `bench` what a bare .onnx file holds
     axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
             field: {0: "batch", 1: "seq"}}
@@ -140,14 +139,10 @@ def export_onnx(
         axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
                 "logits": {0: "batch", 1: "seq"}, **{n: {0: "batch", 2: "past"} for n in past_names},
                 **{n: {0: "batch", 2: "total"} for n in present_names}}
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the tracer's warnings about Python control flow, a screen of them
-            torch.onnx.export(wrapped, args, str(tmp), dynamo=False, opset_version=OPSET, input_names=names,
-                              output_names=outputs, dynamic_axes=axes, custom_opsets={"com.microsoft": 1})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as tmp, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the tracer's warnings about Python control flow, a screen of them
+        torch.onnx.export(wrapped, args, str(tmp), dynamo=False, opset_version=OPSET, input_names=names,
+                          output_names=outputs, dynamic_axes=axes, custom_opsets={"com.microsoft": 1})
     return {"path": str(path), "bytes": path.stat().st_size, "seconds": round(time.perf_counter() - start, 2),
             "layers_swapped": swapped, "opset": OPSET, "kv_cache": kv_cache}
 
@@ -227,21 +222,3 @@ class OrtModel(nn.Module):
         feeds = {"input_ids": input_ids.cpu().numpy(), "attention_mask": attention_mask.cpu().numpy()}
         out = torch.from_numpy(self.session.run(None, feeds)[0])
         return SimpleNamespace(logits=out) if self.kind == "decoder" else SimpleNamespace(last_hidden_state=out)
-
-
-@torch.inference_mode()
-def parity(model: nn.Module, ort_model: OrtModel, ids: Tensor, mask: Tensor) -> dict[str, float]:
-    """How closely the onnxruntime session reproduces the PyTorch model on (ids, mask): cosine of the
-    flattened outputs, max and mean absolute error over the positions the mask keeps."""
-    from slimformer.quant.int8_kernels import emulate_int_mm
-
-    field = "logits" if ort_model.kind == "decoder" else "last_hidden_state"
-    with emulate_int_mm(model):  # the same integer products, in fp32 (see int8_kernels)
-        ref = getattr(model(input_ids=ids, attention_mask=mask), field).float()
-    got = getattr(ort_model(input_ids=ids, attention_mask=mask), field).float()
-    keep = mask.bool()
-    # float64: summed in float32 over millions of logits, a cosine of nearly equal outputs reads above 1
-    ref, got = ref[keep].double(), got[keep].double()
-    err = (got - ref).abs()
-    cosine = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0)
-    return {"cosine": round(float(cosine), 6), "max_abs_err": float(err.max()), "mean_abs_err": float(err.mean())}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from slimformer.layers import is_compressed
 from slimformer.quant.int8_kernels import quantize_per_tensor_asym, quantize_per_token
 from slimformer.quant.qlinear import QuantLinear
 
@@ -203,7 +204,7 @@ def export_form(layer: nn.Module, *, int4: bool = True, int4_compute: str = "fp3
     """The module that replaces a slimformer layer for export (None: leave it as it is).
     int4=False writes 4-bit weight-only layers as dense fp32 weights instead of MatMulNBits;
     int4_compute: "fp32" (exact) or "int8" (MatMulNBits multiplies int8-quantized activations)."""
-    if not getattr(layer, "is_slimformer_linear", False):
+    if not is_compressed(layer):
         return None
     if int4 and nbits_ready(layer):
         return OnnxInt4Linear(layer, int4_compute)

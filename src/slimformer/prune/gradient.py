@@ -17,13 +17,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from slimformer.calibrate.engine import calibration_inputs
 from slimformer.config import check_positive
 from slimformer.context import StepContext, track
 from slimformer.errors import UserError
+from slimformer.models.grads import only_trainable
 from slimformer.models.layout import select_linears
 from slimformer.prune.common import ScoreConfig, apply_masks, dense_weight, select_masks, summary
 from slimformer.prune.gradient_math import Criterion, accumulate_score, output_energy
-from slimformer.quant.gptq import calibration_inputs
 from slimformer.registry import register
 
 
@@ -54,34 +55,31 @@ def importance_scores(model: nn.Module, layers: dict[str, nn.Module], windows: t
     """Mean per-window |g| or |w g| for each layer's weight, (out, in) fp32."""
     params = {name: m.weight for name, m in layers.items()}
     scores = {name: torch.zeros(p.shape, dtype=torch.float32) for name, p in params.items()}
-    saved = {p: p.requires_grad for p in model.parameters()}
     handles = []
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for name, p in params.items():
-            def fold(param: torch.Tensor, _name: str = name) -> None:
-                accumulate_score(scores[_name], param.data, param.grad, criterion, windows.shape[0])
-                param.grad = None
-            p.requires_grad_(True)
-            handles.append(p.register_post_accumulate_grad_hook(fold))
-        with torch.enable_grad():
-            for window in track(ctx, windows, criterion, windows.shape[0]):
-                loss = _loss(model, window.unsqueeze(0), kind)
-                if not torch.isfinite(loss):
-                    raise UserError(f"{criterion}: the calibration loss is not finite (NaN/inf); check the model and data.")
-                loss.backward()
-    finally:
-        for h in handles:
-            h.remove()
-        model.zero_grad(set_to_none=True)
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
+    with only_trainable(model, params.values()):
+        try:
+            for name, p in params.items():
+                def fold(param: torch.Tensor, _name: str = name) -> None:
+                    accumulate_score(scores[_name], param.data, param.grad, criterion, windows.shape[0])
+                    param.grad = None
+                handles.append(p.register_post_accumulate_grad_hook(fold))
+            with torch.enable_grad():
+                for window in track(ctx, windows, criterion, windows.shape[0]):
+                    loss = _score_loss(model, window.unsqueeze(0), kind)
+                    if not torch.isfinite(loss):
+                        raise UserError(f"{criterion}: the calibration loss is not finite (NaN/inf); check the model "
+                                        "and data.")
+                    loss.backward()
+        finally:
+            for h in handles:
+                h.remove()
     # Conv1D keeps its weight as (in, out): scores follow the (out, in) view used for masks
     return {name: s if isinstance(layers[name], nn.Linear) else s.t() for name, s in scores.items()}
 
 
-def _loss(model: nn.Module, ids: torch.Tensor, kind: str) -> torch.Tensor:
+def _score_loss(model: nn.Module, ids: torch.Tensor, kind: str) -> torch.Tensor:
+    """The loss whose weight gradients are scored: the LM loss (decoders), or for encoders, which
+    have no labels, `output_energy` (how much each weight feeds the output's magnitude)."""
     mask = torch.ones_like(ids)
     if kind == "decoder":
         return model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimformer.calibrate.engine import calibration_inputs
 from slimformer.context import StepContext, track
 from slimformer.models.layout import select_linears
 from slimformer.prune.common import AllocatedConfig, apply_masks, dense_weight, owl_allocation, select_masks, summary
-from slimformer.quant.gptq import calibration_inputs
 from slimformer.registry import register
 
 

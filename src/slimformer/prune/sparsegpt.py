@@ -10,14 +10,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimformer.calibrate import observe_linears, run_on_targets
+from slimformer.calibrate.collectors import HessianCollector
+from slimformer.calibrate.engine import calibration_inputs, observe_linears, run_on_targets
 from slimformer.context import StepContext
 from slimformer.errors import UserError
 from slimformer.models.layout import select_linears
 from slimformer.prune.common import AllocatedConfig, dense_weight, owl_allocation
 from slimformer.prune.nm_math import check_divides
 from slimformer.prune.sparsegpt_math import sparsegpt_prune
-from slimformer.quant.gptq import HessianCollector, calibration_inputs
 from slimformer.quant.qlinear import QuantLinear
 from slimformer.quant.qscheme import check_scheme
 from slimformer.registry import register

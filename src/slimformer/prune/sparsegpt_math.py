@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from slimformer.calibrate.hessian_math import inverse_hessian_factor
 from slimformer.prune.magnitude_math import check_sparsity, remove_lowest
 from slimformer.prune.nm_math import nm_masks
-from slimformer.quant.gptq_math import inverse_hessian_factor
 from slimformer.quant.qscheme import QParams, check_scheme, compute_qparams, n_groups, qrange
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from slimformer.calibrate.engine import calibration_inputs
 from slimformer.config import TargetedConfig, check_positive, check_range
 from slimformer.context import StepContext
 from slimformer.errors import UserError
@@ -23,7 +24,6 @@ from slimformer.models.loading import model_kind
 from slimformer.models.structure import BlockParts, block_parts, keep_blocks, keep_heads, keep_neurons, sync_config
 from slimformer.prune import structured_scores as scoring
 from slimformer.prune.structured_math import blocks_to_drop, choose_heads, choose_neurons, normalize_per_layer
-from slimformer.quant.gptq import calibration_inputs
 from slimformer.registry import register
 
 # calibration windows when num_samples is not given: the protocol's default (docs/design.md), fewer for the scores

@@ -19,8 +19,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from slimformer.calibrate import BlockInputs, iter_batches, run_layerwise
+from slimformer.calibrate.engine import BlockInputs, iter_batches, run_layerwise
 from slimformer.context import StepContext, track
+from slimformer.evaluate.divergence import output_divergence
+from slimformer.models.grads import only_trainable
 from slimformer.models.structure import BlockParts
 from slimformer.prune.structured_math import block_influence
 
@@ -60,7 +62,11 @@ def _output(model: nn.Module, batch: Tensor, kind: str) -> Tensor:
     return model(input_ids=batch, attention_mask=mask).last_hidden_state.float()
 
 
-def _loss(model: nn.Module, batch: Tensor, kind: str, index: int) -> Tensor:
+def _gate_loss(model: nn.Module, batch: Tensor, kind: str, index: int) -> Tensor:
+    """The loss whose gate gradients are scored: the LM loss (decoders), or for encoders a random
+    projection of the last hidden states (seeded by the batch `index`): |dL/dgate| summed over
+    batches then measures how strongly a unit moves the output in random directions, where
+    `gradient`'s output energy (per weight) measures how much it feeds the output's norm."""
     mask = torch.ones_like(batch)
     if kind == "decoder":
         return model(input_ids=batch, attention_mask=mask, labels=batch, use_cache=False).loss
@@ -69,32 +75,16 @@ def _loss(model: nn.Module, batch: Tensor, kind: str, index: int) -> Tensor:
     return (h * r).sum() / h.shape[:-1].numel() ** 0.5
 
 
-@contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
-    """No parameter gradients (only the gates'), eval mode (no dropout); restored afterwards."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    training = model.training
-    for p, _ in flags:
-        p.requires_grad_(False)
-    model.eval()
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(training)
-
-
 def taylor_scores(
     model: nn.Module, parts: list[BlockParts], unit: Unit, windows: Tensor, kind: str,
     ctx: StepContext | None = None, batch_size: int = 1,
 ) -> list[Tensor]:
     """Per block, sum over calibration batches of |gate * dL/dgate| (gates at 1: |dL/dgate|)."""
     scores = [torch.zeros(p.heads if unit == "heads" else p.intermediate) for p in parts]
-    with _frozen(model), gates(parts, unit, requires_grad=True) as gs:
+    with only_trainable(model, eval_mode=True), gates(parts, unit, requires_grad=True) as gs:
         batches = list(iter_batches(windows, batch_size))
         for i, batch in enumerate(track(ctx, batches, f"{unit} taylor", len(batches))):
-            grads = torch.autograd.grad(_loss(model, batch, kind, i), gs)
+            grads = torch.autograd.grad(_gate_loss(model, batch, kind, i), gs)
             for s, g, gr in zip(scores, gs, grads):
                 s += (g.detach() * gr).abs()
     return scores
@@ -109,7 +99,7 @@ def information_scores(
     calibration tokens — KL(full || masked) of next-token distributions (decoders), 1 - cosine of
     the last hidden states (encoders). One forward pass per head and batch: slower than taylor."""
     scores = [torch.zeros(p.heads) for p in parts]
-    with _frozen(model), gates(parts, "heads") as gs:
+    with only_trainable(model, eval_mode=True), gates(parts, "heads") as gs:
         batches = list(iter_batches(windows, batch_size))
         total = len(batches) * sum(p.heads for p in parts)
         bar = iter(track(ctx, range(total), "heads information", total))
@@ -118,16 +108,10 @@ def information_scores(
             for s, g in zip(scores, gs):
                 for h in range(g.numel()):
                     g[h] = 0.0
-                    s[h] += _divergence(ref, _output(model, batch, kind), kind) * batch.shape[0]
+                    s[h] += output_divergence(ref, _output(model, batch, kind), kind) * batch.shape[0]
                     g[h] = 1.0
                     next(bar, None)
     return [s / windows.shape[0] for s in scores]
-
-
-def _divergence(ref: Tensor, out: Tensor, kind: str) -> float:
-    if kind == "decoder":  # KL(p_ref || p_out), per token, averaged
-        return float((ref.exp() * (ref - out)).sum(-1).mean())
-    return float(1.0 - torch.nn.functional.cosine_similarity(ref, out, dim=-1).mean())
 
 
 def magnitude_head_scores(parts: list[BlockParts]) -> list[Tensor]:
@@ -220,7 +204,7 @@ def skip_block_scores(
                 if kind == "decoder":
                     losses.append(float(model(input_ids=batch, labels=batch, use_cache=False).loss))
                 else:
-                    losses.append(_divergence(refs[i], _output(model, batch, kind), kind))
+                    losses.append(output_divergence(refs[i], _output(model, batch, kind), kind))
             scores.append(sum(losses) / len(losses))
         finally:
             handle.remove()

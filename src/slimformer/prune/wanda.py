@@ -13,14 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimformer.calibrate import observe_linears, run_on_targets
+from slimformer.calibrate.collectors import ColumnNorms
+from slimformer.calibrate.engine import calibration_inputs, observe_linears, run_on_targets
 from slimformer.context import StepContext
 from slimformer.models.layout import select_linears
-from slimformer.prune.common import (
-    AllocatedConfig, ColumnNorms, apply_masks, dense_weight, layer_mask, owl_allocation, summary,
-)
+from slimformer.prune.common import AllocatedConfig, apply_masks, dense_weight, layer_mask, owl_allocation, summary
 from slimformer.prune.wanda_math import wanda_scores
-from slimformer.quant.gptq import calibration_inputs
 from slimformer.registry import register
 
 

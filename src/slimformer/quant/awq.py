@@ -9,7 +9,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from slimformer.calibrate import observe_linears, run_on_targets
+from slimformer.calibrate.collectors import HessianCollector
+from slimformer.calibrate.engine import calibration_inputs, observe_linears, run_on_targets
 from slimformer.config import TargetedConfig, check_positive
 from slimformer.context import StepContext
 from slimformer.errors import UserError
@@ -18,7 +19,6 @@ from slimformer.quant.awq_fold import (
     FoldGroup, active_groups, can_fold, fold_groups, fold_scale, joint_search, scaled_moment,
 )
 from slimformer.quant.awq_math import awq_search, clip_search, output_error
-from slimformer.quant.gptq import HessianCollector, calibration_inputs
 from slimformer.quant.qlinear import QuantLinear
 from slimformer.quant.qscheme import (
     ScaleRule, ZeroPoint, check_scheme, compute_qparams, dequantize, fake_quantize, quantize, rule_info,

@@ -8,13 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimformer.calibrate import SharedInputs, observe_linears, run_on_targets
+from slimformer.calibrate.collectors import HessianCollector
+from slimformer.calibrate.engine import calibration_inputs, observe_linears, run_on_targets
 from slimformer.config import TargetedConfig, check_positive
 from slimformer.context import StepContext
-from slimformer.data.windows import calibration_windows
 from slimformer.errors import UserError
 from slimformer.models.layout import select_linears, weight_view
-from slimformer.quant.gptq_math import accumulate_hessian, gptq_quantize
+from slimformer.quant.gptq_math import gptq_quantize
 from slimformer.quant.qlinear import QuantLinear
 from slimformer.quant.qscheme import ScaleRule, ZeroPoint, check_scheme, rule_info
 from slimformer.registry import register
@@ -52,44 +52,6 @@ class GPTQConfig(TargetedConfig):
         if self.scale_search and (self.act_order or self.group_size <= 0):
             raise UserError("gptq: scale_search chooses each group's scale as GPTQ reaches it; it needs "
                             "group_size > 0 and act_order: false.")
-
-
-def calibration_inputs(ctx: StepContext | None, num_samples: int, seq_len: int, method: str) -> torch.Tensor:
-    """Calibration windows (n, seq_len) from the step context; UserError if there is no data."""
-    if ctx is None or ctx.calib is None or ctx.tokenizer is None:
-        raise UserError(f"{method} needs calibration data (--calib, or calib= in Python) and a tokenizer.")
-    return calibration_windows(ctx.tokenizer, ctx.calib, num_samples, seq_len)
-
-
-class HessianCollector(SharedInputs):
-    """`on_input` callback accumulating H = 2/n sum w_t x_t x_t^T per layer.
-
-    The first token of every window is an attention sink: all later queries attend to it, so an
-    error in its outputs (above all v_proj's) is added into every position. With uniform token
-    weights GPTQ trades that one token's error for the other 511 and perplexity gets worse than
-    plain rounding (SmolLM2 v_proj alone, W4 g128: 34.1 vs RTN 29.2); weighting it `sink_weight`
-    times fixes that (28.4). Layers fed the very same tensor one after another (q/k/v, gate/up)
-    share one Hessian instead of recomputing it.
-    """
-
-    def __init__(self, method: str, seq_len: int | None = None, sink_weight: float = 1.0) -> None:
-        super().__init__(method)
-        self.seq_len, self.sink_weight = seq_len, sink_weight
-        self.sums: dict[str, tuple[torch.Tensor, int]] = {}
-
-    def add(self, name: str, x: torch.Tensor) -> None:
-        h, n = self.sums.get(name, (None, 0))
-        self.sums[name] = accumulate_hessian(h, x, n, self._weights(x.shape[0]))
-
-    def _weights(self, tokens: int) -> torch.Tensor | None:
-        if self.seq_len is None or self.sink_weight == 1.0 or tokens % self.seq_len:
-            return None
-        w = torch.ones(tokens // self.seq_len, self.seq_len)
-        w[:, 0] = self.sink_weight
-        return w.reshape(-1)
-
-    def get(self, name: str) -> torch.Tensor:
-        return self.sums[self.leader(name)][0]
 
 
 @register("gptq", GPTQConfig, kind="quant")

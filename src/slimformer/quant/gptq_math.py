@@ -8,41 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from slimformer.calibrate.hessian_math import inverse_hessian_factor
 from slimformer.quant.qscheme import QParams, check_scheme, compute_qparams, decode, encode, n_groups, rule_of
-
-
-def accumulate_hessian(
-    h: Tensor | None, x: Tensor, count: int, weights: Tensor | None = None
-) -> tuple[Tensor, int]:
-    """Running mean of 2 x^T x over token rows x (tokens, in), each row optionally weighted
-    (weights: (tokens,)); returns (H fp32, tokens seen)."""
-    x = x.float()
-    if weights is not None:
-        x = x * weights.sqrt().unsqueeze(1)
-    new = x.shape[0]
-    total = count + new
-    update = (2.0 / total) * (x.t() @ x)
-    h = update if h is None else h * (count / total) + update
-    return h, total
-
-
-def inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1, retrying with more damping."""
-    h = h.double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
-    mean_diag = torch.diag(h).mean()
-    for factor in (1.0, 10.0, 100.0):
-        try:
-            chol = torch.linalg.cholesky(h + damp * factor * mean_diag * eye)
-            # H^-1 = L^-T L^-1 via a triangular solve (much faster here than cholesky_inverse)
-            chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
-            return torch.linalg.cholesky(chol_inv.t() @ chol_inv, upper=True).float()
-        except torch.linalg.LinAlgError:
-            continue
-    raise torch.linalg.LinAlgError("Hessian is not positive definite even with 100x damping")
-
 
 SEARCH_CLIPS = torch.linspace(1.0, 0.8, 21)  # range shrink factors `scale_search` tries per group and row
 
@@ -117,11 +84,7 @@ def gptq_quantize(
             g = int(group_of[col])
             if not static and col % group_size == 0:  # a group starts: scale it from the updated weights
                 wg = w1[j : j + group_size].t()
-                if scale_search:
-                    enc, dec = searched_group(wg, diag[col : col + wg.shape[1]], bits, symmetric, rules)
-                else:
-                    fresh = compute_qparams(wg, bits, -1, symmetric, **rules)
-                    enc, dec = [t[:, 0] for t in fresh.encoder()], [t[:, 0] for t in fresh.decoder()]
+                enc, dec = _group_params(wg, diag[col : col + wg.shape[1]], bits, symmetric, rules, scale_search)
                 for dst, src in zip(enc_t + dec_t, enc + dec):
                     dst[g] = src
             q = encode(w1[j], (enc_t[0][g], enc_t[1][g]), bits, symmetric, rule)
@@ -131,10 +94,26 @@ def gptq_quantize(
             err1[j] = err
         wt[i2:] -= hinv[i1:i2, i2:].t() @ err1
     codes = codes_t.t()[:, torch.argsort(perm)].to(torch.int16)
+    return codes, _final_qparams(dec_t, bits, group_size, symmetric, scale_rule, zero_point)
+
+
+def _group_params(wg: Tensor, importance: Tensor, bits: int, symmetric: bool, rules: dict[str, str],
+                  search: bool) -> tuple[list[Tensor], list[Tensor]]:
+    """Encoder and decoder pairs, each (out,), of one group's columns wg (out, g), as GPTQ reaches it."""
+    if search:
+        return searched_group(wg, importance, bits, symmetric, rules)
+    fresh = compute_qparams(wg, bits, -1, symmetric, **rules)
+    return [t[:, 0] for t in fresh.encoder()], [t[:, 0] for t in fresh.decoder()]
+
+
+def _final_qparams(dec_t: list[Tensor], bits: int, group_size: int, symmetric: bool, scale_rule: str,
+                   zero_point: str) -> QParams:
+    """The stored QParams from the per-group decoder pair (n_groups, out): fp16 scale, and an int16
+    zero point or (float rule) an fp16 minimum."""
     scale, offset = dec_t[0].t(), dec_t[1].t()  # (out, n_groups): scale, and zero or minimum
     if group_size == 0:
         scale, offset = scale[:1], offset[:1]
-    if rule == "float":
-        return codes, QParams(scale.half(), torch.zeros_like(scale, dtype=torch.int16), bits, group_size, symmetric,
-                              minimum=offset.half(), zero_point=zero_point)
-    return codes, QParams(scale.half(), offset.to(torch.int16), bits, group_size, symmetric, scale_rule=scale_rule)
+    if rule_of(scale_rule, zero_point) == "float":
+        return QParams(scale.half(), torch.zeros_like(scale, dtype=torch.int16), bits, group_size, symmetric,
+                       minimum=offset.half(), zero_point=zero_point)
+    return QParams(scale.half(), offset.to(torch.int16), bits, group_size, symmetric, scale_rule=scale_rule)

@@ -13,18 +13,16 @@ up to the final float scaling. Two integer kernels:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 
 def int8_matmul(xq: Tensor, w_t: Tensor, s_x: Tensor, s_w: Tensor, bias: Tensor | None) -> Tensor:
     """(tokens, in) int8 @ (in, out) int8 -> (tokens, out) float: acc * s_x * s_w (+ bias).
 
     s_x: (tokens, 1) or scalar, s_w: (out,) — both fp32. Float xq/w_t (integer-valued) compute
-    the same accumulator with an fp32 matmul instead (see `set_int_kernel`).
+    the same accumulator with an fp32 matmul instead (see `slimformer.layers.set_int_kernel`).
     """
     acc = torch._int_mm(xq, w_t) if xq.dtype == torch.int8 else xq @ w_t  # (tokens, out), exact in int32
     y = acc.float() * s_x * s_w.view(1, -1)
@@ -73,31 +71,3 @@ def fake_quant_static(x: Tensor, scale: Tensor, zero: Tensor, bits: int, symmetr
     qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
     z = zero.to(x.dtype)
     return (torch.round(x / scale + z).clamp(qmin, qmax) - z) * scale
-
-
-def set_int_kernel(model: nn.Module, enabled: bool) -> int:
-    """Run W8A8 QuantLinear layers of `model` with `torch._int_mm` (True) or with the same integer
-    product as fp32 matmuls (False: same numbers up to fp32 rounding, far faster on CPUs whose
-    int8 GEMM is slow). Returns how many layers were set."""
-    n = 0
-    for m in model.modules():
-        if hasattr(m, "int_kernel"):
-            m.int_kernel = enabled
-            n += 1
-    return n
-
-
-@contextmanager
-def emulate_int_mm(model: nn.Module) -> Iterator[int]:
-    """Within the block, layers whose integer kernel is `torch._int_mm` compute the same integer
-    product as fp32 matmuls (exact while |acc| < 2^24), then get their kernel back. Used for quality
-    metrics, whose numbers do not change, on CPUs where `_int_mm` is a slow reference loop;
-    latency is always measured on the real kernel. Yields how many layers were switched."""
-    switched = [m for m in model.modules() if getattr(m, "int_kernel", False) and getattr(m, "uses_int_mm", False)]
-    for m in switched:
-        m.int_kernel = False
-    try:
-        yield len(switched)
-    finally:
-        for m in switched:
-            m.int_kernel = True

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimformer.quant.qscheme import expand_groups, group_bounds
+from slimformer.quant.qscheme import expand_groups, n_groups
 
 
 class LUTLinear(nn.Module):
@@ -35,8 +35,8 @@ class LUTLinear(nn.Module):
         if group_size is None:
             self.register_buffer("scale", None)
         else:
-            n_groups = group_bounds(in_features, group_size)
-            self.register_buffer("scale", torch.ones(out_features, n_groups, dtype=torch.float16))
+            groups = n_groups(in_features, group_size)
+            self.register_buffer("scale", torch.ones(out_features, groups, dtype=torch.float16))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @classmethod
@@ -60,7 +60,7 @@ class LUTLinear(nn.Module):
             layer.bias.data.copy_(bias.detach().float())
         return layer
 
-    # --- the artifact protocol (see export.artifact.MODULE_CLASSES) ---
+    # --- the artifact protocol (see artifact.MODULE_CLASSES) ---
     def spec(self) -> dict:
         """JSON-able constructor arguments (the artifact manifest's entry for this module)."""
         return {

@@ -19,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimformer.calibrate.engine import calibration_inputs
 from slimformer.config import TargetedConfig, check_positive
 from slimformer.context import StepContext, track
 from slimformer.errors import UserError
+from slimformer.evaluate.divergence import output_divergence
+from slimformer.models.grads import only_trainable
 from slimformer.models.layout import select_linears, weight_view
-from slimformer.quant.gptq import calibration_inputs
 from slimformer.quant.mixed_math import allocate_bits, fisher_sensitivity, layer_cost_bits
 from slimformer.quant.qlinear import QuantLinear
 from slimformer.quant.qscheme import check_scheme, fake_quantize
@@ -63,13 +65,8 @@ class MixedConfig(TargetedConfig):
 def _fisher(model: nn.Module, layers: dict[str, nn.Module], windows: torch.Tensor, ctx: StepContext | None) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher (mean squared gradient of the LM loss per window), (out, in) per layer."""
     params = {name: (m.weight, isinstance(m, nn.Linear)) for name, m in layers.items()}
-    saved = {p: p.requires_grad for p in model.parameters()}
     fisher = {name: torch.zeros_like(weight_view(m)) for name, m in layers.items()}
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for weight, _ in params.values():
-            weight.requires_grad_(True)
+    with only_trainable(model, [weight for weight, _ in params.values()]):
         for window in track(ctx, windows, "fisher", windows.shape[0]):
             model.zero_grad(set_to_none=True)
             ids = window.unsqueeze(0)
@@ -80,10 +77,6 @@ def _fisher(model: nn.Module, layers: dict[str, nn.Module], windows: torch.Tenso
             for name, (weight, plain) in params.items():
                 g = weight.grad if plain else weight.grad.t()  # Conv1D stores (in, out)
                 fisher[name] += g.pow(2) / windows.shape[0]
-    finally:
-        model.zero_grad(set_to_none=True)
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
     return fisher
 
 
@@ -99,10 +92,7 @@ def _output_change(model: nn.Module, windows: torch.Tensor, kind: str):
     reference = outputs()
 
     def change() -> float:
-        now = outputs()
-        if kind == "decoder":  # KL(reference || now) per token
-            return float((reference.exp() * (reference - now)).sum(-1).mean())
-        return float(1 - F.cosine_similarity(reference, now, dim=-1).mean())
+        return output_divergence(reference, outputs(), kind)
 
     return change
 

@@ -42,13 +42,6 @@ def check_percentile(p: float) -> None:
         raise UserError(f"percentile must be in (0, 100], got {p!r}.")
 
 
-def fake_quant(x: Tensor, lo: float, hi: float, bits: int, symmetric: bool) -> Tensor:
-    """x quantized to the range [lo, hi] and dequantized (float), as the static layers do."""
-    scale, zero = act_qparams(lo, hi, bits, symmetric)
-    qmin, qmax = qrange(bits, symmetric)
-    return (torch.round(x / scale + zero).clamp(qmin, qmax) - zero) * scale
-
-
 def act_qparams(lo: float, hi: float, bits: int, symmetric: bool) -> tuple[float, int]:
     """Per-tensor (scale, zero point) for the range [lo, hi]; the range always includes 0."""
     qmin, qmax = qrange(bits, symmetric)

@@ -26,8 +26,9 @@ from slimformer.quant.qlinear import QuantLinear
 from slimformer.quant.qscheme import check_scheme
 from slimformer.registry import register
 from slimformer.train.data import lm_data
+from slimformer.train.loop import train
 from slimformer.train.losses import check_kd
-from slimformer.train.loop import TrainOptions, TrainState, train
+from slimformer.train.task import TrainOptions, TrainState
 from slimformer.train.tasks import DistillTask
 
 __all__ = ["QATConfig", "QATTask", "FakeQuantLinear", "prepare_qat", "convert_qat", "qat"]

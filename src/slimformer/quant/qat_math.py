@@ -97,7 +97,7 @@ def lsq_grad_scale(numel: int, bits: int, symmetric: bool) -> float:
     return 1.0 / math.sqrt(numel * qrange(bits, symmetric)[1])
 
 
-def fake_quant(
+def fake_quant_ste(
     w: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int, symmetric: bool
 ) -> Tensor:
     """(out, in) weight -> its fake-quantized (out, in) weight, differentiable in w, scale, zero.
@@ -120,7 +120,7 @@ def fake_quant(
 
 
 def quant_codes(w: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int, symmetric: bool) -> Tensor:
-    """The int16 codes `fake_quant` rounds to (no gradient): what the artifact stores."""
+    """The int16 codes `fake_quant_ste` rounds to (no gradient): what the artifact stores."""
     qmin, qmax = qrange(bits, symmetric)
     in_f = w.shape[1]
     with torch.no_grad():

@@ -2,7 +2,7 @@
 fake-quantized ones initialised from a PTQ result, `convert_qat` turns them into `QuantLinear`s.
 
 A FakeQuantLinear holds a float latent weight and the per-group scales/zeros of `quant/qscheme.py`.
-Its forward pass computes with the fake-quantized weight (`qat_math.fake_quant`): the weight learns
+Its forward pass computes with the fake-quantized weight (`qat_math.fake_quant_ste`): the weight learns
 through the straight-through estimator; with `lsq=True` the scales (and zero points) are learned
 too (LSQ), otherwise they stay fixed at their PTQ values. `convert_qat` stores the very codes and
 fp16 scales the forward pass used, so the QAT model saves and exports exactly like a PTQ one.
@@ -15,13 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimformer.models.layout import weight_view
-from slimformer.quant.qat_math import fake_quant, fp16_ste, grad_scale, lsq_grad_scale, quant_codes, weights_per_scale
+from slimformer.quant.qat_math import (
+    fake_quant_ste, fp16_ste, grad_scale, lsq_grad_scale, quant_codes, weights_per_scale,
+)
 from slimformer.quant.qlinear import QuantLinear
 from slimformer.quant.qscheme import QParams, compute_qparams, dequantize, qrange
 
 
 class FakeQuantLinear(nn.Module):
-    """y = x fake_quant(latent)^T + b, latent (out, in) float; scale/zero (out, n_groups) fp32.
+    """y = x fake_quant_ste(latent)^T + b, latent (out, in) float; scale/zero (out, n_groups) fp32.
 
     The trained float weight is the parameter `latent`; `weight`, as for QuantLinear, is the weight
     the layer computes with (here the fake-quantized one), so layer-walking code and the training
@@ -62,7 +64,7 @@ class FakeQuantLinear(nn.Module):
     def fake_weight(self) -> torch.Tensor:
         """The (out, in) weight the forward pass computes with, differentiable."""
         scale, zero = self._qparams_t()
-        return fake_quant(self.latent, scale, zero, self.bits, self.group_size, self.symmetric)
+        return fake_quant_ste(self.latent, scale, zero, self.bits, self.group_size, self.symmetric)
 
     @property
     def weight(self) -> torch.Tensor:

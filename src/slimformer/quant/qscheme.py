@@ -155,7 +155,7 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
 
 
-def group_bounds(in_features: int, group_size: int) -> int:
+def n_groups(in_features: int, group_size: int) -> int:
     """Groups per row: 1 for per-channel (-1) and per-tensor (0), ceil(in / N) otherwise.
 
     With N > 0 every group has N columns except the last, which has in - (n_groups - 1) * N.
@@ -163,13 +163,11 @@ def group_bounds(in_features: int, group_size: int) -> int:
     return 1 if group_size <= 0 else math.ceil(in_features / group_size)
 
 
-n_groups = group_bounds  # short alias
-
 
 def _grouped(w: Tensor, group_size: int, pad: float) -> Tensor:
     """(out, in) -> (out, n_groups, G); the last group is padded with `pad` when G does not divide in."""
     out_f, in_f = w.shape
-    g = group_bounds(in_f, group_size)
+    g = n_groups(in_f, group_size)
     if g * group_size == in_f:
         return w.reshape(out_f, g, group_size)  # a view when w is contiguous
     padded = torch.full((out_f, g * group_size), pad, dtype=w.dtype, device=w.device)

@@ -9,15 +9,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimformer.calibrate import observe_linears, run_on_targets
+from slimformer.calibrate.collectors import InputObservers
+from slimformer.calibrate.engine import calibration_inputs, observe_linears, run_on_targets
 from slimformer.config import check_range
 from slimformer.context import StepContext
 from slimformer.errors import UserError
 from slimformer.models.layout import select_linears, weight_view
-from slimformer.quant.gptq import calibration_inputs
 from slimformer.quant.observers import make_observer
 from slimformer.quant.smoothquant_math import ChannelRange, smooth_scales, smoothed_range, weight_absmax
-from slimformer.quant.static import InputObservers, StaticConfig, clip_ratio, finish, static_layer
+from slimformer.quant.static import StaticConfig, clip_ratio, finish, static_layer
 from slimformer.registry import register
 
 

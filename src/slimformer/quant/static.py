@@ -7,19 +7,18 @@ activations), so every range is taken on the activations the quantized model rea
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from slimformer.calibrate import SharedInputs, observe_linears, run_on_targets
+from slimformer.calibrate.collectors import InputObservers
+from slimformer.calibrate.engine import calibration_inputs, observe_linears, run_on_targets
 from slimformer.config import TargetedConfig
 from slimformer.context import StepContext
 from slimformer.errors import UserError
 from slimformer.models.layout import select_linears, weight_view
-from slimformer.quant.gptq import calibration_inputs
 from slimformer.quant.observers import (
     OBSERVERS, WEIGHT_OBSERVERS, act_qparams, check_bits, check_percentile, make_observer, weight_clip_mse,
 )
@@ -62,34 +61,6 @@ class StaticConfig(TargetedConfig):
         for key in ("num_samples", "seq_len"):
             if getattr(self, key) < 1:
                 raise UserError(f"{method}: {key} must be a positive integer, got {getattr(self, key)}.")
-
-
-class InputObservers(SharedInputs):
-    """`on_input` callback keeping one observer per distinct layer input.
-
-    Layers fed the very same tensor one after another (q/k/v, gate/up) share one observer, hence
-    one activation scale. `divisors` maps a layer to a per-channel vector its input is divided by
-    before observing (SmoothQuant's x / s).
-    """
-
-    def __init__(self, make: Callable[[], Any], method: str, divisors: dict[str, torch.Tensor] | None = None) -> None:
-        super().__init__(method)
-        self.make, self.divisors = make, divisors or {}
-        self.observers: dict[str, Any] = {}
-
-    def add(self, name: str, x: torch.Tensor) -> None:
-        observer = self.observers.setdefault(name, self.make())
-        observer.update(x / self.divisors[name] if name in self.divisors else x)  # (tokens, in)
-
-    def get(self, name: str) -> Any:
-        return self.observers[self.leader(name)]
-
-    def groups(self, names: list[str]) -> dict[str, list[str]]:
-        """Leader layer -> the layers sharing its input, in block order."""
-        out: dict[str, list[str]] = {}
-        for name in names:
-            out.setdefault(self.leader(name), []).append(name)
-        return out
 
 
 def static_layer(

@@ -16,10 +16,12 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from slimformer.data.sources import TextData
 from slimformer.evaluate.classification import classification_metrics
+from slimformer.evaluate.divergence import mean_pool
 from slimformer.train.data import TrainData, classification_data
-from slimformer.train.loop import TrainOptions, train
+from slimformer.train.loop import train
 from slimformer.train.student import drop_layers
-from slimformer.train.tasks import DistillTask, SupervisedTask, mean_pool
+from slimformer.train.task import TrainOptions
+from slimformer.train.tasks import DistillTask, SupervisedTask
 
 
 class Classifier(nn.Module):

@@ -22,9 +22,10 @@ from slimformer.models.layout import select_linears
 from slimformer.prune.magnitude_math import global_masks, layer_masks
 from slimformer.registry import register
 from slimformer.train.data import TrainData, classification_data, lm_data
-from slimformer.train.loop import TrainOptions, TrainState, TrainTask, train
+from slimformer.train.loop import train
 from slimformer.train.losses import check_kd
 from slimformer.train.schedule import cubic_sparsity, soft_threshold
+from slimformer.train.task import TrainOptions, TrainState, TrainTask
 from slimformer.train.tasks import DistillTask, SupervisedTask
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from slimformer.errors import UserError
-from slimformer.models.layout import find_blocks
+from slimformer.models.structure import keep_blocks
 
 
 def student_layers(spec: dict[str, Any], n_layers: int) -> list[int]:
@@ -36,18 +36,6 @@ def check_student(spec: Any) -> None:
 
 
 def drop_layers(model: nn.Module, keep: list[int]) -> nn.Module:
-    """Keep only blocks `keep` (in place): the block list, `num_hidden_layers`, per-layer config
-    lists and each attention's cache index follow. Returns `model`."""
-    name, blocks = find_blocks(model)
-    kept = nn.ModuleList(blocks[i] for i in keep)
-    model.set_submodule(name, kept)
-    config = model.config
-    types = getattr(config, "layer_types", None)
-    if isinstance(types, (list, tuple)) and len(types) == len(blocks):
-        config.layer_types = [types[i] for i in keep]
-    config.num_hidden_layers = len(keep)
-    for new_index, block in enumerate(kept):
-        for module in block.modules():
-            if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = new_index
+    """Keep only blocks `keep` (in place; `models.structure.keep_blocks`). Returns `model`."""
+    keep_blocks(model, keep)
     return model

@@ -13,16 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from slimformer.errors import UserError
+from slimformer.evaluate.divergence import mean_pool
 from slimformer.train.losses import IGNORE, attention_kl, distill_loss, hard_loss, hidden_mse, layer_map
-from slimformer.train.loop import TrainTask
-
-
-def mean_pool(hidden: Tensor, mask: Tensor | None) -> Tensor:
-    """(B, T, H) -> (B, H): mean over real tokens."""
-    if mask is None:
-        return hidden.mean(1)
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+from slimformer.train.task import TrainTask
 
 
 def _call(model: nn.Module, batch: dict[str, Tensor], hidden: bool = False, attentions: bool = False) -> Any:

@@ -9,8 +9,8 @@ import torch
 import transformers
 
 from slimformer.api import load
+from slimformer.artifact import WEIGHTS, save_artifact
 from slimformer.errors import UserError
-from slimformer.export.artifact import WEIGHTS, save_artifact
 from slimformer.prune.magnitude import MagnitudeConfig, magnitude
 from slimformer.quant.rtn import RTNConfig, rtn
 
@@ -157,7 +157,7 @@ def _saved(tmp_path, **extra):
 
 def _rewrite_manifest(folder, **changes) -> None:
     """Edit the manifest and re-seal it, as a future slimformer (or a careful hand) would."""
-    from slimformer.export.artifact import MANIFEST_DIGEST, manifest_digest
+    from slimformer.artifact import MANIFEST_DIGEST, manifest_digest
 
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest.update(changes)
@@ -166,7 +166,7 @@ def _rewrite_manifest(folder, **changes) -> None:
 
 
 def test_manifest_round_trip(tmp_path) -> None:
-    from slimformer.export.artifact import read_manifest
+    from slimformer.artifact import read_manifest
 
     recipe = {"steps": [{"method": "rtn", "bits": 4, "group_size": 16}]}
     model = _tiny()

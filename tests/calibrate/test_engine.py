@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import transformers
 
-from slimformer.calibrate import run_layerwise
+from slimformer.calibrate.engine import run_layerwise
 
 
 def test_engine_matches_full_forward() -> None:

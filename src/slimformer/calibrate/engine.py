@@ -1,5 +1,5 @@
 """The layer-wise calibration engine shared by every data-driven method (GPTQ, SparseGPT, Wanda,
-AWQ, SmoothQuant, static observers).
+AWQ, SmoothQuant, static observers); what it feeds the layers' inputs to is in `collectors.py`.
 
 It captures the inputs of the first Transformer block on the calibration windows, then for each
 block in turn: lets the method observe the block (hooks on its layers while the block runs on its
@@ -149,36 +149,6 @@ def observe_linears(
             h.remove()
 
 
-class SharedInputs:
-    """Base of `observe_linears` callbacks that keep statistics per distinct layer input.
-
-    Layers fed the very same tensor one after another (q/k/v, gate/up) are aliased to the first of
-    them, their `leader`, instead of being observed again: `add(name, x)` sees each distinct input
-    once, after a check that it is finite.
-    """
-
-    def __init__(self, method: str) -> None:
-        self.method = method
-        self.alias: dict[str, str] = {}
-        self._prev: tuple[str, torch.Tensor] | None = None  # held so its memory cannot be reused
-
-    def __call__(self, name: str, x: torch.Tensor) -> None:
-        if self._prev is not None and x.data_ptr() == self._prev[1].data_ptr() and x.shape == self._prev[1].shape:
-            self.alias[name] = self.leader(self._prev[0])
-        else:
-            if not torch.isfinite(x).all():
-                raise UserError(f"{self.method}: non-finite activations (NaN/inf) reach '{name}' on the calibration data.")
-            self.add(name, x)
-        self._prev = (name, x)
-
-    def add(self, name: str, x: torch.Tensor) -> None:
-        """Take in one distinct input (tokens, in) of layer `name`."""
-        raise NotImplementedError
-
-    def leader(self, name: str) -> str:
-        return self.alias.get(name, name)
-
-
 def block_targets(model: nn.Module, block: nn.Module, selected: dict[str, nn.Module]) -> dict[str, nn.Module]:
     """The selected layers that live inside `block`, by full name."""
     inside = {id(m) for m in block.modules()}
@@ -189,3 +159,10 @@ def iter_batches(windows: torch.Tensor, batch_size: int) -> Iterator[torch.Tenso
     """Row batches of a (n, T) tensor."""
     for start in range(0, windows.shape[0], batch_size):
         yield windows[start : start + batch_size]
+
+
+def calibration_inputs(ctx: StepContext | None, num_samples: int, seq_len: int, method: str) -> torch.Tensor:
+    """`ctx.calibration_windows(...)`; UserError when a method that needs data runs without a context."""
+    if ctx is None:
+        raise UserError(f"{method} needs calibration data (--calib, or calib= in Python) and a tokenizer.")
+    return ctx.calibration_windows(num_samples, seq_len, method)

@@ -1,0 +1,40 @@
+"""The Hessian of a linear layer's inputs, H = 2/n sum x x^T, and the factor of its inverse that
+GPTQ and SparseGPT both walk. Pure tensor functions."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def accumulate_hessian(
+    h: Tensor | None, x: Tensor, count: int, weights: Tensor | None = None
+) -> tuple[Tensor, int]:
+    """Running mean of 2 x^T x over token rows x (tokens, in), each row optionally weighted
+    (weights: (tokens,)); returns (H fp32, tokens seen)."""
+    x = x.float()
+    if weights is not None:
+        x = x * weights.sqrt().unsqueeze(1)
+    new = x.shape[0]
+    total = count + new
+    update = (2.0 / total) * (x.t() @ x)
+    h = update if h is None else h * (count / total) + update
+    return h, total
+
+
+def inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1, retrying with more damping."""
+    h = h.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    mean_diag = torch.diag(h).mean()
+    for factor in (1.0, 10.0, 100.0):
+        try:
+            chol = torch.linalg.cholesky(h + damp * factor * mean_diag * eye)
+            # H^-1 = L^-T L^-1 via a triangular solve (much faster here than cholesky_inverse)
+            chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+            return torch.linalg.cholesky(chol_inv.t() @ chol_inv, upper=True).float()
+        except torch.linalg.LinAlgError:
+            continue
+    raise torch.linalg.LinAlgError("Hessian is not positive definite even with 100x damping")

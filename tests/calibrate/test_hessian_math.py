@@ -1,0 +1,30 @@
+"""The layer-input Hessian and its inverse factor on small random inputs."""
+
+from __future__ import annotations
+
+import torch
+
+from slimformer.calibrate.hessian_math import accumulate_hessian, inverse_hessian_factor
+
+
+def test_hessian_running_mean_equals_batch() -> None:
+    x = torch.randn(300, 16)
+    h_all, _ = accumulate_hessian(None, x, 0)
+    h, n = None, 0
+    for chunk in x.split(70):
+        h, n = accumulate_hessian(h, chunk, n)
+    assert n == 300 and torch.allclose(h, h_all, atol=1e-5)
+    assert torch.allclose(h_all, 2 * x.T @ x / 300, atol=1e-5)
+
+
+def test_inverse_factor_inverts_the_damped_hessian_and_survives_dead_inputs() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(200, 12)
+    x[:, 3] = 0  # an input that never fires: its diagonal entry is 0 until the factor sets it to 1
+    h, _ = accumulate_hessian(None, x, 0)
+    u = inverse_hessian_factor(h, damp=0.01).double()
+    fixed = h.double().clone()
+    fixed[3, 3] = 1.0
+    damped = fixed + 0.01 * torch.diag(fixed).mean() * torch.eye(12, dtype=torch.float64)
+    assert torch.allclose(u.T @ u @ damped, torch.eye(12, dtype=torch.float64), atol=1e-4)
+    assert torch.equal(u, torch.triu(u))
