@@ -144,6 +144,14 @@ def prepare(args: argparse.Namespace, workdir: Path) -> Bench:
     )
 
 
+def ppl_line(result: dict[str, Any]) -> str:
+    """'ppl 23.54' or, evaluated on several texts, 'ppl lee-news 23.54, shakespeare 61.95' (the
+    progress lines carry every text, so a run stopped early still says what it measured)."""
+    if "ppl_by_text" not in result:
+        return f"ppl {result['ppl']:.2f}"
+    return "ppl " + ", ".join(f"{t} {p:.2f}" for t, p in result["ppl_by_text"].items())
+
+
 def on_text(result: dict[str, Any], text: str | None) -> dict[str, Any]:
     """`result` with "ppl" taken on evaluation text `text` (None: the first text)."""
     if text is None or "ppl" not in result:

@@ -153,7 +153,7 @@ def run(plan: list[tuple[Setting, list[Peer]]], bench: Bench) -> list[dict[str, 
     rows = []
     for setting, peers in plan:
         ours = run_ours(setting, bench)
-        print(f"[{setting.key}] ours: ppl {ours['ppl']:.2f}, {ours['compress_s']} s", flush=True)
+        print(f"[{setting.key}] ours: {harness.ppl_line(ours)}, {ours['compress_s']} s", flush=True)
         if not peers:
             rows.append({"setting": setting.label, "key": setting.key, "ours": ours, "peer": "—", "library": None,
                          "error": "not run (--ours-only)"})
@@ -162,7 +162,7 @@ def run(plan: list[tuple[Setting, list[Peer]]], bench: Bench) -> list[dict[str, 
             rows.append({"setting": setting.label, "key": setting.key, "ours": ours, "peer": peer.label,
                          "library": peer.library, **result})
             if "ppl" in result:
-                shown = f"ppl {result['ppl']:.2f}, {result['compress_s']} s" + "".join(f"; {n}" for n in result["notes"])
+                shown = f"{harness.ppl_line(result)}, {result['compress_s']} s" + "".join(f"; {n}" for n in result["notes"])
             else:
                 shown = f"cannot run: {one_line(result['error'])}"
             print(f"[{setting.key}] {peer.label}: {shown}", flush=True)

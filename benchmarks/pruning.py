@@ -137,7 +137,7 @@ def run(plan: list[tuple[harness.Setting, list[harness.Peer]]], bench: harness.B
         setting = harness.Setting(setting.key, setting.label,
                                 tuple(r.replace("{g}", str(min(n, 16))) for r in setting.ours), setting.peers)
         mine = harness.run_ours(setting, bench)
-        print(f"[{setting.key}] ours: ppl {mine['ppl']:.2f}, {mine['compress_s']} s", flush=True)
+        print(f"[{setting.key}] ours: {harness.ppl_line(mine)}, {mine['compress_s']} s", flush=True)
         if not chosen:
             rows.append({"setting": setting.label, "key": setting.key, "ours": mine, "peer": "—", "library": None,
                          "error": "no peer run" if setting.peers else "no peer has this method"})
@@ -145,7 +145,7 @@ def run(plan: list[tuple[harness.Setting, list[harness.Peer]]], bench: harness.B
             result = run_peer(peer, bench)
             rows.append({"setting": setting.label, "key": setting.key, "ours": mine, "peer": peer.label,
                          "library": peer.library, **result})
-            shown = f"ppl {result['ppl']:.2f}, {result['compress_s']} s" if "ppl" in result else f"cannot run: {result['error']}"
+            shown = f"{harness.ppl_line(result)}, {result['compress_s']} s" if "ppl" in result else f"cannot run: {result['error']}"
             print(f"[{setting.key}] {peer.label}: {harness.one_line(shown)}", flush=True)
     return rows
 
