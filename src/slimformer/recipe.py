@@ -104,20 +104,20 @@ class Recipe:
     def _check_order(self, where: str) -> None:
         quantized_at = None
         for i, step in enumerate(self.steps):
-            kind = get_method(step.method).kind
-            if kind == "quant":
+            stage = get_method(step.method).stage
+            if stage == "quant":
                 if quantized_at is not None:
                     raise UserError(
                         f"{where}: step {i + 1} ({step.method}) quantizes weights already quantized by "
                         f"step {quantized_at + 1}; use one quantization step."
                     )
                 quantized_at = i
-            elif kind == "prune" and quantized_at is not None:
+            elif stage == "prune" and quantized_at is not None:
                 raise UserError(
                     f"{where}: step {i + 1} ({step.method}) prunes after quantization (step "
                     f"{quantized_at + 1}); put pruning steps before quantization."
                 )
-            elif kind == "train" and quantized_at is not None:
+            elif stage == "train" and quantized_at is not None:
                 raise UserError(
                     f"{where}: step {i + 1} ({step.method}) trains float weights after quantization (step "
                     f"{quantized_at + 1}); put training steps before quantization (or train with `qat`)."

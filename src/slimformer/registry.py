@@ -39,20 +39,20 @@ class Method:
 
     name: str
     config_cls: type
-    kind: str  # "prune" | "quant" | ...: pruning after quantization is refused
+    stage: str  # "prune" | "quant" | "train": pruning or training after quantization is refused
     apply: Callable[..., dict[str, Any]]
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, config_cls: type, kind: str) -> Callable:
+def register(name: str, config_cls: type, stage: str) -> Callable:
     """Register `fn(model, config, ctx) -> step info dict` as recipe method `name`."""
 
     def deco(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
         if name in METHODS:
             raise RuntimeError(f"method '{name}' registered twice")
-        METHODS[name] = Method(name, config_cls, kind, fn)
+        METHODS[name] = Method(name, config_cls, stage, fn)
         return fn
 
     return deco

@@ -26,7 +26,7 @@ class MagnitudeConfig(AllocatedConfig):
         self.check_allocation("magnitude")
 
 
-@register("magnitude", MagnitudeConfig, kind="prune")
+@register("magnitude", MagnitudeConfig, stage="prune")
 @torch.no_grad()
 def magnitude(model: nn.Module, config: MagnitudeConfig, ctx: StepContext | None = None) -> dict[str, Any]:
     """Zero the smallest-magnitude weights of the target layers in place; return per-layer sparsity."""

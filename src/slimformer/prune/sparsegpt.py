@@ -51,7 +51,7 @@ class SparseGPTConfig(AllocatedConfig):
             check_scheme(self.bits, self.group_size, "sparsegpt")
 
 
-@register("sparsegpt", SparseGPTConfig, kind="prune")
+@register("sparsegpt", SparseGPTConfig, stage="prune")
 @torch.no_grad()
 def sparsegpt(model: nn.Module, config: SparseGPTConfig, ctx: StepContext | None = None) -> dict[str, Any]:
     """Prune (and optionally quantize) the target layers block by block against their input Hessians."""

@@ -78,7 +78,7 @@ class _ActivationStats(HessianCollector):
         return total / n
 
 
-@register("awq", AWQConfig, kind="quant")
+@register("awq", AWQConfig, stage="quant")
 @torch.no_grad()
 def awq(model: nn.Module, config: AWQConfig, ctx: StepContext | None = None) -> dict[str, Any]:
     """Quantize the target layers with searched per-channel scales, block by block.

@@ -39,7 +39,7 @@ class DynamicConfig(TargetedConfig):
             raise UserError(f"dynamic: activations must be one of {', '.join(GRANULARITIES)}, got {self.activations!r}.")
 
 
-@register("dynamic", DynamicConfig, kind="quant")
+@register("dynamic", DynamicConfig, stage="quant")
 @torch.no_grad()
 def dynamic(model: nn.Module, config: DynamicConfig, ctx: StepContext | None = None) -> dict[str, Any]:
     """Replace each target layer by an int8 QuantLinear that runs integer matmuls."""

@@ -120,7 +120,7 @@ def _scaled_layer(
                                 group_size=group_size)
 
 
-@register("nf4", NF4Config, kind="quant")
+@register("nf4", NF4Config, stage="quant")
 @torch.no_grad()
 def nf4(model: nn.Module, config: NF4Config, ctx: StepContext | None = None) -> dict[str, Any]:
     """NormalFloat-4: each weight / its group's absmax goes to the nearest of the 16 NF4 levels."""
@@ -129,7 +129,7 @@ def nf4(model: nn.Module, config: NF4Config, ctx: StepContext | None = None) -> 
     return {"layers": n, "bits": 4, "group_size": config.group_size}
 
 
-@register("log2", Log2Config, kind="quant")
+@register("log2", Log2Config, stage="quant")
 @torch.no_grad()
 def log2(model: nn.Module, config: Log2Config, ctx: StepContext | None = None) -> dict[str, Any]:
     """Logarithmic quantization: each weight / its group's absmax goes to the nearest of 0, +-2^-k."""
@@ -138,7 +138,7 @@ def log2(model: nn.Module, config: Log2Config, ctx: StepContext | None = None) -
     return {"layers": n, "bits": config.bits, "group_size": config.group_size}
 
 
-@register("codebook", CodebookConfig, kind="quant")
+@register("codebook", CodebookConfig, stage="quant")
 @torch.no_grad()
 def codebook(model: nn.Module, config: CodebookConfig, ctx: StepContext | None = None) -> dict[str, Any]:
     """k-means codebooks (2^bits fp16 centroids) per layer or per group of output channels."""

@@ -36,7 +36,7 @@ class RTNConfig(TargetedConfig):
                      zero_point=self.zero_point)
 
 
-@register("rtn", RTNConfig, kind="quant")
+@register("rtn", RTNConfig, stage="quant")
 @torch.no_grad()
 def rtn(model: nn.Module, config: RTNConfig, ctx: StepContext | None = None) -> dict[str, Any]:
     """Replace each target layer by a QuantLinear holding its round-to-nearest codes."""

@@ -49,5 +49,5 @@ model, info = train(model, MyTask(), data, TrainOptions(steps=100, lr=1e-4), che
   checkpoint and reproduces the uninterrupted run's weights exactly.
 - In a recipe, a step reaches the frozen uncompressed model as `ctx.teacher`, its data as
   `ctx.calib`, its checkpoint folder as `ctx.checkpoint` and `--resume` as `ctx.resume`. Register
-  training steps with `kind="train"` (refused after a quantization step, like pruning).
+  training steps with `stage="train"` (refused after a quantization step, like pruning).
 """

@@ -58,7 +58,7 @@ class FinetuneConfig(TrainOptions):
     """Plain recovery training (next-token or task loss); pruned weights stay zero."""
 
 
-@register("finetune", FinetuneConfig, kind="train")
+@register("finetune", FinetuneConfig, stage="train")
 def finetune(model: nn.Module, config: FinetuneConfig, ctx: StepContext) -> dict[str, Any]:
     """Fine-tune `model` in place on the step's data; returns the training info."""
     data = recipe_data(ctx, config)
@@ -90,7 +90,7 @@ class DistillConfig(TrainOptions):
             check_student(self.student)  # indices are checked against the model when the step runs
 
 
-@register("distill", DistillConfig, kind="train")
+@register("distill", DistillConfig, stage="train")
 def distill(model: nn.Module, config: DistillConfig, ctx: StepContext) -> dict[str, Any]:
     """Distil `model` (in place; first shrunk to `student` blocks if given) from the teacher."""
     from slimformer.models.layout import find_blocks
@@ -171,7 +171,7 @@ class _Gradual(SupervisedTask):
             self._prune(model, state.masks, s)
 
 
-@register("gradual", GradualConfig, kind="train")
+@register("gradual", GradualConfig, stage="train")
 def gradual(model: nn.Module, config: GradualConfig, ctx: StepContext) -> dict[str, Any]:
     """Prune the target layers gradually to `sparsity` while fine-tuning (in place)."""
     targets = list(select_linears(model, config.targets, config.ignore))
@@ -211,7 +211,7 @@ class _Proximal(SupervisedTask):
             soft_threshold(model.get_submodule(n).weight, state.lr * self.config.l1)
 
 
-@register("l1", L1Config, kind="train")
+@register("l1", L1Config, stage="train")
 def l1(model: nn.Module, config: L1Config, ctx: StepContext) -> dict[str, Any]:
     """L1 proximal training of the target layers, then a magnitude prune to `sparsity` (in place)."""
     targets = list(select_linears(model, config.targets, config.ignore))
