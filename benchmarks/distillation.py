@@ -39,7 +39,7 @@ from slimformer.models.loading import load_bundle
 from slimformer.train.classify import Classifier, fit, score, splits, student_of
 from slimformer.train.data import lm_data
 from slimformer.train.loop import train
-from slimformer.train.task import TrainOptions
+from slimformer.train.task import TrainConfig
 from slimformer.train.tasks import DistillTask
 
 
@@ -53,13 +53,13 @@ def encoder_part(steps: int, threads: int, teacher_lr: float, student_lr: float,
     rows: dict[str, Any] = {}
     teacher = Classifier(copy.deepcopy(bundle.model), train_set.classes)
     opts = dict(steps=steps, batch_size=32, warmup_steps=max(1, steps // 10), weight_decay=0.01, seed=0)
-    rows["teacher"] = _classifier_row(teacher, fit(teacher, train_set, TrainOptions(lr=teacher_lr, **opts)), test_set, threads)
+    rows["teacher"] = _classifier_row(teacher, fit(teacher, train_set, TrainConfig(lr=teacher_lr, **opts)), test_set, threads)
     keep = [0, 2, 4]
     student = student_of(bundle.model, keep, train_set.classes)
-    info = fit(student, train_set, TrainOptions(lr=student_lr, **opts), teacher=teacher, **kd)
+    info = fit(student, train_set, TrainConfig(lr=student_lr, **opts), teacher=teacher, **kd)
     rows["student_distilled"] = _classifier_row(student, info, test_set, threads)
     plain = student_of(bundle.model, keep, train_set.classes)
-    rows["student_no_teacher"] = _classifier_row(plain, fit(plain, train_set, TrainOptions(lr=student_lr, **opts)), test_set, threads)
+    rows["student_no_teacher"] = _classifier_row(plain, fit(plain, train_set, TrainConfig(lr=student_lr, **opts)), test_set, threads)
     rows["retained_accuracy"] = rows["student_distilled"]["accuracy"] / rows["teacher"]["accuracy"]
     rows["distill_settings"] = kd
     pairs = [(rows["student_distilled"], rows["student_no_teacher"])]
@@ -67,10 +67,10 @@ def encoder_part(steps: int, threads: int, teacher_lr: float, student_lr: float,
         print(f"  seed {seed}", flush=True)
         seeded = {**opts, "seed": seed}
         student = student_of(bundle.model, keep, train_set.classes, seed=seed)
-        info = fit(student, train_set, TrainOptions(lr=student_lr, **seeded), teacher=teacher, **kd)
+        info = fit(student, train_set, TrainConfig(lr=student_lr, **seeded), teacher=teacher, **kd)
         plain = student_of(bundle.model, keep, train_set.classes, seed=seed)
         pairs.append((_classifier_row(student, info, test_set, threads),
-                      _classifier_row(plain, fit(plain, train_set, TrainOptions(lr=student_lr, **seeded)), test_set, threads)))
+                      _classifier_row(plain, fit(plain, train_set, TrainConfig(lr=student_lr, **seeded)), test_set, threads)))
     if seeds > 1:
         rows["seeds"] = [{"seed": i, "distilled": {k: d[k] for k in ("accuracy", "f1")},
                           "no_teacher": {k: p[k] for k in ("accuracy", "f1")}} for i, (d, p) in enumerate(pairs)]
@@ -110,7 +110,7 @@ def lm_part(steps: int, max_windows: int | None, lr: float) -> dict[str, Any]:
     neurons(work, NeuronsConfig(sparsity=0.25), StepContext(tokenizer=bundle.tokenizer, kind="decoder", calib=calib, progress=False))
     out["neurons_25"] = {"ppl": perplexity(work, windows, progress=False)["ppl"], **count_params(work)}
     print(f"  {out}", flush=True)
-    options = TrainOptions(steps=steps, lr=lr, batch_size=4, seq_len=256, warmup_steps=max(1, steps // 10), seed=0)
+    options = TrainConfig(steps=steps, lr=lr, batch_size=4, seq_len=256, warmup_steps=max(1, steps // 10), seed=0)
     work, info = train(work, DistillTask(bundle.model, alpha=1.0, temperature=1.0), lm_data(bundle.tokenizer, calib, 256),
                        options, progress=True)
     out["neurons_25_distilled"] = {"ppl": perplexity(work, windows, progress=False)["ppl"], **count_params(work),

@@ -22,7 +22,7 @@ from train_tiny import gradual_task, tiny_llama, tiny_windows  # noqa: E402
 
 from slimformer.train import dist  # noqa: E402
 from slimformer.train.loop import train  # noqa: E402
-from slimformer.train.task import TrainOptions  # noqa: E402
+from slimformer.train.task import TrainConfig  # noqa: E402
 from slimformer.train.tasks import SupervisedTask  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def _save(model, path: Path, info: dict) -> None:
 if __name__ == "__main__":
     out, strategy = Path(sys.argv[1]), sys.argv[2]
     scenario = sys.argv[3] if len(sys.argv) > 3 else "plain"
-    options = TrainOptions(steps=3, lr=1e-2, batch_size=2, grad_accum=1, seq_len=12, strategy=strategy, schedule="constant")
+    options = TrainConfig(steps=3, lr=1e-2, batch_size=2, grad_accum=1, seq_len=12, strategy=strategy, schedule="constant")
     r = dist.rank()
     if scenario == "plain":
         given = tiny_llama()

@@ -7,7 +7,7 @@ import transformers
 
 from slimformer.train.classify import Classifier, fit, score, student_of
 from slimformer.train.data import TrainData
-from slimformer.train.task import TrainOptions
+from slimformer.train.task import TrainConfig
 
 
 def _bert() -> transformers.BertModel:
@@ -29,7 +29,7 @@ def _data(n: int, seed: int) -> TrainData:
 def test_teacher_learns_and_student_distils() -> None:
     train_set, test_set = _data(128, 0), _data(64, 1)
     teacher = Classifier(_bert(), ("a", "b"), dropout=0.0)
-    opts = TrainOptions(steps=15, lr=1e-2, batch_size=16, schedule="constant")
+    opts = TrainConfig(steps=15, lr=1e-2, batch_size=16, schedule="constant")
     fit(teacher, train_set, opts)
     acc = score(teacher, test_set)["accuracy"]
     assert acc >= 0.9

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from train_tiny import tiny_llama, tiny_windows
 
 from slimformer.train.loop import train
-from slimformer.train.task import TrainOptions
+from slimformer.train.task import TrainConfig
 from slimformer.train.tasks import SupervisedTask
 
 HERE = Path(__file__).parent
@@ -35,7 +35,7 @@ def test_two_process_run_equals_one_process(tmp_path: Path, strategy: str) -> No
     assert all(torch.equal(r0[k], r1[k]) for k in r0)  # replicas identical
     # one process, batch 4 = 2 processes x batch 2
     single, info = train(tiny_llama(), SupervisedTask(), tiny_windows(),
-                         TrainOptions(steps=3, lr=1e-2, batch_size=4, seq_len=12, schedule="constant"))
+                         TrainConfig(steps=3, lr=1e-2, batch_size=4, seq_len=12, schedule="constant"))
     ref = single.state_dict()
     start = tiny_llama().state_dict()
     assert max((r0[k] - start[k]).abs().max().item() for k in r0) > 1e-3  # it trained

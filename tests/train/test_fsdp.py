@@ -15,7 +15,7 @@ from train_tiny import gradual_task, tiny_llama, tiny_windows
 from slimformer.errors import UserError
 from slimformer.train.loop import train
 from slimformer.train.state_io import load_state
-from slimformer.train.task import TrainOptions
+from slimformer.train.task import TrainConfig
 from slimformer.train.tasks import SupervisedTask
 
 
@@ -39,10 +39,10 @@ def test_fsdp_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
     assert optimizer["state"]["model.lm_head.weight"]["exp_avg"].shape == (64, 16)
     assert _max_diff(resumed, full) < 1e-5
     single, _ = train(tiny_llama(), SupervisedTask(), tiny_windows(),
-                      TrainOptions(steps=4, lr=1e-2, batch_size=4, seq_len=12, schedule="constant"))
+                      TrainConfig(steps=4, lr=1e-2, batch_size=4, seq_len=12, schedule="constant"))
     assert _max_diff(full, single.state_dict()) < 1e-5
     with pytest.raises(UserError, match="strategy: fsdp"):  # its optimizer state is laid out by parameter name
-        train(tiny_llama(), SupervisedTask(), tiny_windows(), TrainOptions(steps=4, seq_len=12),
+        train(tiny_llama(), SupervisedTask(), tiny_windows(), TrainConfig(steps=4, seq_len=12),
               checkpoint=tmp_path / "ckpt", resume=True)
 
 
@@ -54,7 +54,7 @@ def test_fsdp_gradual_pruning_keeps_masks(tmp_path: Path) -> None:
     assert _max_diff(r0, r1) == 0
     model, task = gradual_task(tiny_llama(), steps=3)
     single, _ = train(model, task, tiny_windows(),
-                      TrainOptions(steps=3, lr=1e-2, batch_size=4, seq_len=12, schedule="constant"))
+                      TrainConfig(steps=3, lr=1e-2, batch_size=4, seq_len=12, schedule="constant"))
     ref = single.state_dict()
     assert _max_diff(r0, ref) < 1e-5
     for name in task.layers:

@@ -9,7 +9,7 @@ import torch
 
 from slimformer.errors import UserError
 from slimformer.train.loop import train
-from slimformer.train.task import TrainOptions, TrainState
+from slimformer.train.task import TrainConfig, TrainState
 from slimformer.train.tasks import SupervisedTask
 from train_tiny import tiny_llama, tiny_windows
 
@@ -29,21 +29,21 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_loss_falls() -> None:
-    _, info = train(tiny_llama(), SupervisedTask(), tiny_windows(n=4), TrainOptions(steps=12, **OPTS))
+    _, info = train(tiny_llama(), SupervisedTask(), tiny_windows(n=4), TrainConfig(steps=12, **OPTS))
     assert info["loss_last"] < info["loss_first"] - 0.3
     assert info["global_batch"] == 4
 
 
 def test_resume_reproduces_uninterrupted_weights(tmp_path: Path) -> None:
-    full, _ = train(tiny_llama(), SupervisedTask(), tiny_windows(), TrainOptions(steps=6, **OPTS))
+    full, _ = train(tiny_llama(), SupervisedTask(), tiny_windows(), TrainConfig(steps=6, **OPTS))
     ckpt = tmp_path / "ckpt"
     # "interrupted": a run that stops after 4 of 6 steps, with checkpoints every 2 steps
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_llama(), _Interrupted(), tiny_windows(), TrainOptions(steps=6, checkpoint_every=2, **OPTS),
+        train(tiny_llama(), _Interrupted(), tiny_windows(), TrainConfig(steps=6, checkpoint_every=2, **OPTS),
               checkpoint=ckpt, resume=False)
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_000004"]
     resumed, info = train(tiny_llama(seed=5), SupervisedTask(), tiny_windows(),
-                          TrainOptions(steps=6, checkpoint_every=2, **OPTS), checkpoint=ckpt, resume=True)
+                          TrainConfig(steps=6, checkpoint_every=2, **OPTS), checkpoint=ckpt, resume=True)
     assert info["resumed_from"] == 4
     a, b = _weights(full), _weights(resumed)
     assert a.keys() == b.keys()
@@ -57,7 +57,7 @@ def test_pruned_zeros_stay_zero() -> None:
     magnitude(model, MagnitudeConfig(sparsity=0.5))
     zeros = {n: int((p == 0).sum()) for n, p in model.named_parameters() if "proj" in n}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model, _ = train(model, SupervisedTask(), tiny_windows(), TrainOptions(steps=3, weight_decay=0.1, **OPTS))
+    model, _ = train(model, SupervisedTask(), tiny_windows(), TrainConfig(steps=3, weight_decay=0.1, **OPTS))
     after = dict(model.named_parameters())
     assert {n: int((after[n] == 0).sum()) for n in zeros} == zeros
     assert all(torch.equal(after[n] == 0, before[n] == 0) for n in zeros)
@@ -66,17 +66,17 @@ def test_pruned_zeros_stay_zero() -> None:
 
 def test_bad_options() -> None:
     with pytest.raises(UserError, match="lr"):
-        TrainOptions(lr=0.0)
+        TrainConfig(lr=0.0)
     with pytest.raises(UserError, match="steps"):
-        TrainOptions(steps=0)
+        TrainConfig(steps=0)
     with pytest.raises(UserError, match="resume"):
-        train(tiny_llama(), SupervisedTask(), tiny_windows(), TrainOptions(steps=1), resume=True)
+        train(tiny_llama(), SupervisedTask(), tiny_windows(), TrainConfig(steps=1), resume=True)
 
 
 @pytest.mark.parametrize("damage", ["older format", "truncated tensors", "invalid json"])
 def test_old_or_damaged_optimizer_files_give_a_user_error(tmp_path: Path, damage: str) -> None:
     """An optimizer.pt (the old pickle) is refused without being read; a damaged state is a UserError."""
-    options = TrainOptions(steps=3, checkpoint_every=2, **OPTS)
+    options = TrainConfig(steps=3, checkpoint_every=2, **OPTS)
     train(tiny_llama(), SupervisedTask(), tiny_windows(), options, checkpoint=tmp_path)  # keeps step_000002
     found = tmp_path / "step_000002"
     tensors, skeleton = found / "optimizer.safetensors", found / "optimizer.json"

@@ -8,7 +8,7 @@ import transformers
 
 from slimformer.errors import UserError
 from slimformer.train.loop import train
-from slimformer.train.task import TrainOptions
+from slimformer.train.task import TrainConfig
 from slimformer.train.tasks import DistillTask
 from train_tiny import tiny_llama, tiny_windows
 
@@ -27,7 +27,7 @@ def test_wider_student_is_refused() -> None:
 
 def test_narrower_student_learns_through_a_projection() -> None:
     task = DistillTask(_llama(32), alpha=1.0, hidden_weight=1.0)
-    student, info = train(tiny_llama(), task, tiny_windows(), TrainOptions(steps=8, lr=1e-2, batch_size=4, seq_len=12))
+    student, info = train(tiny_llama(), task, tiny_windows(), TrainConfig(steps=8, lr=1e-2, batch_size=4, seq_len=12))
     assert task.extras["proj"].weight.shape == (32, 16)
     assert info["loss_last"] < info["loss_first"]
     assert info["layer_map"] == [0, 1]

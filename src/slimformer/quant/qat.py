@@ -28,14 +28,14 @@ from slimformer.registry import register
 from slimformer.train.data import lm_data
 from slimformer.train.loop import train
 from slimformer.train.losses import check_kd
-from slimformer.train.task import TrainOptions, TrainState
+from slimformer.train.task import TrainConfig, TrainState
 from slimformer.train.tasks import DistillTask
 
 __all__ = ["QATConfig", "QATTask", "FakeQuantLinear", "prepare_qat", "convert_qat", "qat"]
 
 
 @dataclass(frozen=True)
-class QATConfig(TrainOptions):
+class QATConfig(TrainConfig):
     """bits/group_size/symmetric as in `rtn`. init: the PTQ result training starts from (`rtn`, or
     `gptq` on `num_samples` calibration windows of `seq_len` tokens). lsq: learn the scales (and
     zero points) too, LSQ style; false keeps the PTQ scales fixed and trains the weights only (STE).

@@ -5,7 +5,7 @@ A training step supplies a `TrainTask` (what to optimise) and calls `train` (how
 ```python
 from slimformer.train.data import lm_data, classification_data   # -> TrainData
 from slimformer.train.loop import train
-from slimformer.train.task import TrainOptions, TrainTask
+from slimformer.train.task import TrainConfig, TrainTask
 
 class MyTask(TrainTask):
     def prepare(self, model):            # once, before training (and before a resume is loaded):
@@ -17,7 +17,7 @@ class MyTask(TrainTask):
     def finish(self, model):              # once, after training: -> (model, info dict for the report)
         return model, {}                  #   e.g. convert fake-quant modules into QuantLinear
 
-model, info = train(model, MyTask(), data, TrainOptions(steps=100, lr=1e-4), checkpoint=folder, resume=False)
+model, info = train(model, MyTask(), data, TrainConfig(steps=100, lr=1e-4), checkpoint=folder, resume=False)
 ```
 
 - Extra trainable modules (a hidden-state projection, a classification head, LSQ step sizes that

@@ -20,7 +20,7 @@ from slimformer.evaluate.divergence import mean_pool
 from slimformer.train.data import TrainData, classification_data
 from slimformer.train.loop import train
 from slimformer.train.student import drop_layers
-from slimformer.train.task import TrainOptions
+from slimformer.train.task import TrainConfig
 from slimformer.train.tasks import DistillTask, SupervisedTask
 
 
@@ -52,7 +52,7 @@ class Classifier(nn.Module):
         return SequenceClassifierOutput(logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 
 
-def fit(model: nn.Module, data: TrainData, options: TrainOptions, teacher: nn.Module | None = None,
+def fit(model: nn.Module, data: TrainData, options: TrainConfig, teacher: nn.Module | None = None,
         **distill: Any) -> dict[str, Any]:
     """Train a Classifier in place: cross-entropy, or distillation from `teacher` (DistillTask keys)."""
     task = DistillTask(teacher, **distill) if teacher is not None else SupervisedTask()

@@ -24,10 +24,10 @@ from slimformer.train.checkpoints import latest, load_optimizer, load_weights, s
 from slimformer.train.data import TrainData, micro_batches
 from slimformer.train.schedule import lr_at
 from slimformer.train.sharding import fsdp_split, full_model, gather_full
-from slimformer.train.task import TrainModule, TrainOptions, TrainState, TrainTask, apply_masks, fixed_masks
+from slimformer.train.task import TrainModule, TrainConfig, TrainState, TrainTask, apply_masks, fixed_masks
 
 
-def train(model: nn.Module, task: TrainTask, data: TrainData, options: TrainOptions, *,
+def train(model: nn.Module, task: TrainTask, data: TrainData, options: TrainConfig, *,
           checkpoint: Path | None = None, resume: bool = False, progress: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Train `model` with `task` on `data` for `options.steps` steps; returns (model, info).
 
@@ -86,7 +86,7 @@ def train(model: nn.Module, task: TrainTask, data: TrainData, options: TrainOpti
                    "train_wall_s": round(time.perf_counter() - t0, 2), **info}
 
 
-def _optimizer(wrapped: nn.Module, options: TrainOptions, found: Path | None, fsdp: bool) -> torch.optim.Optimizer:
+def _optimizer(wrapped: nn.Module, options: TrainConfig, found: Path | None, fsdp: bool) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters, its state restored from checkpoint `found` if any."""
     params = [p for p in wrapped.parameters() if p.requires_grad]
     if not params:
@@ -97,7 +97,7 @@ def _optimizer(wrapped: nn.Module, options: TrainOptions, found: Path | None, fs
     return optimizer
 
 
-def _step(wrapped: nn.Module, optimizer: torch.optim.Optimizer, data: TrainData, step: int, options: TrainOptions,
+def _step(wrapped: nn.Module, optimizer: torch.optim.Optimizer, data: TrainData, step: int, options: TrainConfig,
           rank: int, world: int, dev: torch.device, masks: dict[str, Tensor]) -> float:
     """One optimizer step over this rank's micro-batches; returns the mean loss over all ranks."""
     batches = micro_batches(data, step, options.batch_size, options.grad_accum, rank, world, options.seed)

@@ -25,11 +25,11 @@ from slimformer.train.data import TrainData, classification_data, lm_data
 from slimformer.train.loop import train
 from slimformer.train.losses import check_kd
 from slimformer.train.schedule import cubic_sparsity, soft_threshold
-from slimformer.train.task import TrainOptions, TrainState, TrainTask
+from slimformer.train.task import TrainConfig, TrainState, TrainTask
 from slimformer.train.tasks import DistillTask, SupervisedTask
 
 
-def recipe_data(ctx: StepContext, options: TrainOptions, labels: bool = True) -> TrainData:
+def recipe_data(ctx: StepContext, options: TrainConfig, labels: bool = True) -> TrainData:
     """Training data of a recipe step: LM windows (decoders) or tokenized texts (encoders)."""
     if ctx.calib is None or ctx.tokenizer is None:
         raise UserError("training steps need data and a tokenizer (run them through slimformer.compress).")
@@ -44,7 +44,7 @@ def _supervised(model: nn.Module, data: TrainData, ctx: StepContext) -> Supervis
     return SupervisedTask()
 
 
-def _run(model: nn.Module, task: TrainTask, data: TrainData, options: TrainOptions, ctx: StepContext) -> dict[str, Any]:
+def _run(model: nn.Module, task: TrainTask, data: TrainData, options: TrainConfig, ctx: StepContext) -> dict[str, Any]:
     if ctx.checkpoint is not None and options.checkpoint_every:
         claim(ctx.checkpoint, ctx.fingerprint)
     trained, info = train(model, task, data, options, checkpoint=ctx.checkpoint, resume=ctx.resume, progress=ctx.progress)
@@ -54,7 +54,7 @@ def _run(model: nn.Module, task: TrainTask, data: TrainData, options: TrainOptio
 
 
 @dataclass(frozen=True)
-class FinetuneConfig(TrainOptions):
+class FinetuneConfig(TrainConfig):
     """Plain recovery training (next-token or task loss); pruned weights stay zero."""
 
 
@@ -66,7 +66,7 @@ def finetune(model: nn.Module, config: FinetuneConfig, ctx: StepContext) -> dict
 
 
 @dataclass(frozen=True)
-class DistillConfig(TrainOptions):
+class DistillConfig(TrainConfig):
     """teacher: null (the model before the recipe) or an alias/folder; student: null (the current
     model) or {keep_layers: [...]} / {every: k} (blocks kept from it); alpha: weight of the soft
     loss (1 - alpha: hard labels); temperature; hidden_weight / attention_weight: per-block
@@ -124,7 +124,7 @@ def _teacher(config: DistillConfig, ctx: StepContext) -> nn.Module:
 
 
 @dataclass(frozen=True)
-class GradualConfig(TrainOptions):
+class GradualConfig(TrainConfig):
     """sparsity: final fraction of zeros per target layer (or overall with scope: global), reached
     by s_t = s_f + (s_i - s_f)(1 - t / n)^3 over the first `ramp` fraction of the steps, magnitude
     masks recomputed every `update_every` steps; the remaining steps fine-tune at that sparsity."""
@@ -184,7 +184,7 @@ def gradual(model: nn.Module, config: GradualConfig, ctx: StepContext) -> dict[s
 
 
 @dataclass(frozen=True)
-class L1Config(TrainOptions):
+class L1Config(TrainConfig):
     """Proximal L1 training: after each step w <- sign(w) max(|w| - lr * l1, 0) on the target layers,
     then a magnitude prune to `sparsity` (per layer, or overall with scope: global)."""
 

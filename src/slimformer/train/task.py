@@ -1,5 +1,5 @@
 """The training task API: what a training step supplies to `train.loop.train` (a `TrainTask`), the
-options every training step shares (`TrainOptions`), the state `after_step` sees, and the fixed
+options every training step shares (`TrainConfig`), the state `after_step` sees, and the fixed
 sparsity masks the loop keeps (see `slimformer.train` for a worked example)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from slimformer.train import dist
 
 
 @dataclass(frozen=True)
-class TrainOptions(TargetedConfig):
+class TrainConfig(TargetedConfig):
     """Recipe keys shared by every training step.
 
     steps: optimizer steps; lr: peak learning rate; batch_size: examples per micro-batch per process;
@@ -42,7 +42,7 @@ class TrainOptions(TargetedConfig):
     strategy: Literal["ddp", "fsdp"] = "ddp"
 
     def __post_init__(self) -> None:
-        name = type(self).__name__.removesuffix("Config").removesuffix("Options").lower()
+        name = type(self).__name__.removesuffix("Config").lower()
         for key in ("steps", "batch_size", "grad_accum", "seq_len"):
             if getattr(self, key) < 1:
                 raise UserError(f"{name}: {key} must be a positive integer, got {getattr(self, key)}.")
