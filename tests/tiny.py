@@ -15,9 +15,11 @@ LLAMA = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidd
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
 
 
-def tiny_llama(seed: int = 0, **config: Any) -> transformers.LlamaForCausalLM:
-    """A random LlamaForCausalLM in eval mode: `LLAMA` with `config` keys overriding it."""
-    torch.manual_seed(seed)
+def tiny_llama(seed: int | None = 0, **config: Any) -> transformers.LlamaForCausalLM:
+    """A random LlamaForCausalLM in eval mode: `LLAMA` with `config` keys overriding it. The weights
+    come from torch.manual_seed(seed); seed=None draws them from the current random state."""
+    if seed is not None:
+        torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**LLAMA, **config})).eval()
 
 
