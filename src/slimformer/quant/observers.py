@@ -30,12 +30,6 @@ OBSERVERS = ("minmax", "percentile", "mse", "kl")
 WEIGHT_OBSERVERS = ("minmax", "mse")
 
 
-def check_bits(bits: int, what: str) -> None:
-    """UserError unless `bits` is an integer in 2..8."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise UserError(f"{what} must be an integer from 2 to 8, got {bits!r}.")
-
-
 def check_percentile(p: float) -> None:
     """UserError unless 0 < p <= 100."""
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 100:

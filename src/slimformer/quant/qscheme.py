@@ -94,6 +94,13 @@ def _is_int(x: object) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def check_bits(bits: object, what: str) -> None:
+    """UserError unless `bits` is an integer from 2 to 8 (the widths every scheme supports);
+    `what` names the key in the message ("gptq: bits", "a_bits")."""
+    if not _is_int(bits) or not 2 <= int(bits) <= 8:
+        raise UserError(f"{what} must be an integer from 2 to 8, got {bits!r}.")
+
+
 def check_scheme(
     bits: int, group_size: int, method: str | None = None, *, symmetric: bool | None = None,
     scale_rule: str = "absmax", zero_point: str = "int",
@@ -113,8 +120,7 @@ def check_scheme(
     if zero_point != "int" and symmetric is True:
         raise UserError(f"{where}zero_point {zero_point!r} is for asymmetric schemes; set symmetric: false "
                         "(or use scale_rule: signed_max for llama.cpp's symmetric Q4_0/Q5_0 rounding).")
-    if not _is_int(bits) or not 2 <= int(bits) <= 8:
-        raise UserError(f"{where}bits must be an integer from 2 to 8, got {bits!r}.")
+    check_bits(bits, f"{where}bits")
     if not _is_int(group_size) or int(group_size) < -1:
         raise UserError(
             f"{where}group_size must be -1 (per output channel), 0 (per tensor) or a positive group size, "

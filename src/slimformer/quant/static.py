@@ -20,10 +20,10 @@ from slimformer.context import StepContext
 from slimformer.errors import UserError
 from slimformer.models.layout import select_linears, weight_view
 from slimformer.quant.observers import (
-    OBSERVERS, WEIGHT_OBSERVERS, act_qparams, check_bits, check_percentile, make_observer, weight_clip_mse,
+    OBSERVERS, WEIGHT_OBSERVERS, act_qparams, check_percentile, make_observer, weight_clip_mse,
 )
 from slimformer.quant.qlinear import QuantLinear
-from slimformer.quant.qscheme import compute_qparams, quantize
+from slimformer.quant.qscheme import check_bits, compute_qparams, quantize
 from slimformer.registry import register
 
 
