@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-import transformers
+from tiny import tiny_llama  # tests/tiny.py
 
 from slimformer.api import load
 from slimformer.artifact import WEIGHTS, save_artifact
@@ -16,10 +16,8 @@ from slimformer.quant.rtn import RTNConfig, rtn
 
 
 def _tiny(tied: bool = True) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=40, intermediate_size=72, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    return tiny_llama(hidden_size=40, intermediate_size=72, num_attention_heads=2, num_key_value_heads=1,
+                      max_position_embeddings=2048, tie_word_embeddings=tied)
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:

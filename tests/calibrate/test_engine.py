@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import torch
-import transformers
+from tiny import tiny_llama  # tests/tiny.py
 
 from slimformer.calibrate.engine import run_layerwise
 
 
 def test_engine_matches_full_forward() -> None:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=2)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=3, max_position_embeddings=2048)
     windows = torch.randint(0, 64, (5, 24))
     seen = []
     final = {}

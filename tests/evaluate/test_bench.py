@@ -7,10 +7,12 @@ import json
 import pytest
 import torch
 import transformers
+from tiny import tiny_llama as make_tiny_llama  # tests/tiny.py
 
 from slimformer.cli import main
 from slimformer.errors import UserError
-from slimformer.evaluate.bench import BenchSettings, bench, compare_table, latency_stats, time_calls
+from slimformer.evaluate.bench import BenchSettings, bench, compare_table, latency_stats
+from slimformer.evaluate.latency import time_calls
 from slimformer.export.onnx import export_onnx
 
 
@@ -34,11 +36,8 @@ def test_bad_settings(bad: dict) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
     folder = tmp_path_factory.mktemp("bench") / "llama"
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    make_tiny_llama(hidden_size=32, intermediate_size=64, max_position_embeddings=2048).save_pretrained(folder)
     return folder
 
 

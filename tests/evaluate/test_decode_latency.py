@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import torch
-import transformers
+from tiny import tiny_llama  # tests/tiny.py
 
 from slimformer.evaluate.latency import measure_decode
 from slimformer.export.onnx import OrtModel, export_onnx
 
 
 def _tiny_llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256)).eval()
+    return tiny_llama(vocab_size=256, hidden_size=32, intermediate_size=64, max_position_embeddings=256)
 
 
 def test_decode_in_torch_and_onnxruntime(tmp_path) -> None:

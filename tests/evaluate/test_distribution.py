@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import tiny_llama  # tests/tiny.py
 
 from slimformer.evaluate.distribution import (
     compare_distributions, distribution_report, histogram, layer_distributions, notable_layers, plot_distributions,
@@ -15,12 +16,7 @@ from slimformer.evaluate.report import distribution_section
 
 
 def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(hidden_size=32, intermediate_size=64)
 
 
 def test_tensor_stats_exact_values() -> None:

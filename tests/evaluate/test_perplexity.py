@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-import transformers
+from tiny import tiny_llama as make_tiny_llama  # tests/tiny.py
 
 from slimformer.errors import UserError
 from slimformer.evaluate.perplexity import perplexity
@@ -12,12 +12,8 @@ from slimformer.evaluate.perplexity import perplexity
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return make_tiny_llama(vocab_size=50, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                           max_position_embeddings=2048)
 
 
 @pytest.fixture(scope="module")

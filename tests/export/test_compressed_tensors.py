@@ -17,6 +17,7 @@ from compressed_tensors.quantization import QuantizationConfig, QuantizationSche
 from compressed_tensors.utils.match import match_named_modules
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tiny import tiny_llama  # tests/tiny.py
 from torch import nn
 
 from slimformer.context import StepContext
@@ -40,10 +41,8 @@ W8A8_STATIC_SAME_DISTANCE = 0.01  # (measured 0.8445 vs 0.8489 with 2 calibratio
 
 
 def _llama() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    return tiny_llama(hidden_size=64, intermediate_size=96, num_attention_heads=2, num_key_value_heads=1,
+                      max_position_embeddings=2048)
 
 
 def _layer(bits: int, group_size: int, symmetric: bool, out_f: int = 40, in_f: int = 96, **rule) -> QuantLinear:
@@ -168,10 +167,8 @@ def _pruned(model: nn.Module) -> nn.Module:
 
 
 def _tied_head() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = tiny_llama(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, max_position_embeddings=2048, tie_word_embeddings=True)
     rtn(model, RTNConfig(bits=4, group_size=32, targets=["lm_head"]))
     return model
 

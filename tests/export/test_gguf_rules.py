@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 from gguf import GGUFReader
 from gguf.quants import dequantize
+from tiny import tiny_llama  # tests/tiny.py
 
 from slimformer.export.gguf import export_gguf
 from slimformer.quant.rtn import RTNConfig, rtn
@@ -20,10 +20,8 @@ from slimformer.quant.rtn import RTNConfig, rtn
     (5, {"symmetric": False, "zero_point": "float"}, "Q5_1"),
 ])
 def test_gguf_native_rules_are_exact(tmp_path, smollm_bundle, bits, rule, gtype) -> None:
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=smollm_bundle.model.config.vocab_size, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)).eval()
+    model = tiny_llama(vocab_size=smollm_bundle.model.config.vocab_size, hidden_size=64, intermediate_size=128,
+                       max_position_embeddings=256)
     rtn(model, RTNConfig(bits=bits, group_size=32, **rule))
     info = export_gguf(model, smollm_bundle.tokenizer, tmp_path / "m.gguf", unquantized="f16")
     assert info["tensors"][gtype] == 14 and info["max_offset_rounding"] == 0.0

@@ -10,6 +10,7 @@ import sysconfig
 import pytest
 import torch
 import transformers
+from tiny import tiny_llama  # tests/tiny.py
 from torch import nn
 
 from slimformer.api import save_hf
@@ -21,10 +22,8 @@ IDS = torch.arange(3, 27).remainder(64).unsqueeze(0)  # (1, 24)
 
 
 def _llama() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=40, intermediate_size=72, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    return tiny_llama(hidden_size=40, intermediate_size=72, num_attention_heads=2, num_key_value_heads=1,
+                      max_position_embeddings=2048)
 
 
 def _logits(model: nn.Module) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from onnx import numpy_helper
+from tiny import tiny_llama  # tests/tiny.py
 
 from slimformer.errors import UserError
 from slimformer.export.onnx import OrtModel, export_onnx, onnx_ready
@@ -20,10 +21,8 @@ from slimformer.quant.rtn import RTNConfig, rtn
 
 
 def _llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=40, intermediate_size=72, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    return tiny_llama(hidden_size=40, intermediate_size=72, num_attention_heads=2, num_key_value_heads=1,
+                      max_position_embeddings=2048)
 
 
 def _bert() -> torch.nn.Module:

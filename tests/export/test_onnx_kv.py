@@ -6,6 +6,7 @@ import onnx
 import pytest
 import torch
 import transformers
+from tiny import tiny_llama  # tests/tiny.py
 from transformers import DynamicCache
 
 from slimformer.errors import UserError
@@ -14,10 +15,7 @@ from slimformer.quant.rtn import RTNConfig, rtn
 
 
 def _llama(**extra) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=40, intermediate_size=72, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, **extra)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    return tiny_llama(hidden_size=40, intermediate_size=72, max_position_embeddings=2048, **extra)
 
 
 def _decode_errors(model: torch.nn.Module, ort: OrtModel, batch: int, prefill: int, steps: int) -> list[float]:

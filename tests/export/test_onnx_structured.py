@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
-import transformers
+from tiny import tiny_llama  # tests/tiny.py
 
 from slimformer.api import save_hf
 from slimformer.errors import UserError
@@ -14,10 +14,7 @@ from slimformer.models.structure import block_parts, keep_heads, keep_neurons
 
 
 def _pruned_llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=40, intermediate_size=72, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = tiny_llama(hidden_size=40, intermediate_size=72, max_position_embeddings=2048)
     parts = block_parts(model)
     keep_heads(parts[0], [0, 1])  # block 0: 2 query heads sharing 1 key/value head
     keep_neurons(parts[1], range(0, 72, 2))  # block 1: 36 of 72 neurons

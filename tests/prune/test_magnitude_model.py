@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import torch
-import transformers
+from tiny import tiny_llama  # tests/tiny.py
 
 from slimformer.evaluate.perplexity import perplexity
 from slimformer.prune.magnitude import MagnitudeConfig, magnitude
 
 
 def _tiny() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1)
-    return transformers.AutoModelForCausalLM.from_config(config)
+    return tiny_llama(num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048)
 
 
 def test_layer_scope_exact_counts() -> None:

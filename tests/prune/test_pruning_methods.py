@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from tiny import tiny_ctx  # tests/tiny.py
+from tiny import tiny_ctx, tiny_llama  # tests/tiny.py
 
 from slimformer.artifact import load_artifact, read_manifest, save_artifact
 from slimformer.config import build_config
@@ -23,10 +23,7 @@ def _ctx(kind: str = "decoder") -> StepContext:
 
 
 def _llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    return tiny_llama(hidden_size=32, intermediate_size=64, max_position_embeddings=2048)
 
 
 def _run(model: torch.nn.Module, method: str, ctx: StepContext | None = None, **values) -> dict:

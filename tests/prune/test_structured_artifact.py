@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from tiny import tiny_llama as make_tiny_llama  # tests/tiny.py
 
 import slimformer
 from slimformer.context import StepContext
@@ -28,9 +29,8 @@ def tiny_llama(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("structured") / "llama"
     tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_alias("smollm2-135m"))
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=1024))
+    model = make_tiny_llama(None, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                            num_attention_heads=8, max_position_embeddings=1024)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -90,10 +90,8 @@ def test_pruned_then_quantized_round_trip(tmp_path: Path) -> None:
     from slimformer.prune.structured import HeadsConfig, NeuronsConfig, heads, neurons
     from slimformer.quant.rtn import RTNConfig, rtn
 
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=128)).eval()
+    model = make_tiny_llama(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=8,
+                            max_position_embeddings=128)
     heads(model, HeadsConfig(sparsity=0.3, score="magnitude", scope="global"))
     neurons(model, NeuronsConfig(sparsity=0.4, score="magnitude", scope="global", multiple_of=4))
     rtn(model, RTNConfig(bits=4, group_size=16))  # QuantLinear modules of the pruned sizes

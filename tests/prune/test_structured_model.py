@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import transformers
-from tiny import CharTokenizer, tiny_ctx  # tests/tiny.py
+from tiny import CharTokenizer, tiny_ctx, tiny_llama  # tests/tiny.py
 
 from slimformer.config import build_config
 from slimformer.context import StepContext
@@ -24,11 +24,9 @@ D = HIDDEN // HEADS
 
 
 def _llama(layers: int = 3) -> transformers.PreTrainedModel:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=layers, num_attention_heads=HEADS,
-        num_key_value_heads=KV, max_position_embeddings=128, eos_token_id=None, bos_token_id=None, pad_token_id=0)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=layers, num_attention_heads=HEADS,
+                      num_key_value_heads=KV, max_position_embeddings=128, eos_token_id=None, bos_token_id=None,
+                      pad_token_id=0)
 
 
 def _bert() -> transformers.PreTrainedModel:

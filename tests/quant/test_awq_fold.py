@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import transformers
-from tiny import tiny_ctx  # tests/tiny.py
+from tiny import tiny_ctx, tiny_llama  # tests/tiny.py
 
 from slimformer.artifact import load_artifact, save_artifact
 from slimformer.context import StepContext
@@ -30,11 +30,8 @@ def _ctx() -> StepContext:
 
 
 def _llama(kv_heads: int) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=kv_heads, attention_bias=True,
-                                      mlp_bias=True)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama(hidden_size=32, intermediate_size=64, num_key_value_heads=kv_heads, max_position_embeddings=2048,
+                       attention_bias=True, mlp_bias=True)
     with torch.no_grad():  # norms away from 1 and non-zero biases, so that a wrong fold shows
         for name, p in model.named_parameters():
             if name.endswith("layernorm.weight") or name.endswith(".bias"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
+from tiny import tiny_llama  # tests/tiny.py
 from torch import nn
 
 from slimformer.api import load
@@ -127,10 +127,8 @@ def test_keep_extremes_keeps_outliers_unclipped() -> None:
 
 
 def _tiny() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=40, intermediate_size=72, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    return tiny_llama(hidden_size=40, intermediate_size=72, num_attention_heads=2, num_key_value_heads=1,
+                      max_position_embeddings=2048)
 
 
 @pytest.mark.parametrize("method, config", [

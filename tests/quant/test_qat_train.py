@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from tiny import tiny_llama as shared_llama  # tests/tiny.py
 
 from slimformer.data.windows import lm_windows
 from slimformer.quant.gptq import GPTQConfig, gptq
@@ -69,10 +70,7 @@ def test_qat_recipe_end_to_end_through_compress(tmp_path) -> None:
     from slimformer.models.zoo import resolve_alias
 
     tok = transformers.AutoTokenizer.from_pretrained(resolve_alias("smollm2-135m"), local_files_only=True)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024))
+    model = shared_llama(0, vocab_size=tok.vocab_size, max_position_embeddings=1024)
     model.save_pretrained(tmp_path / "llama")
     tok.save_pretrained(tmp_path / "llama")
     recipe = {"steps": [{"method": "qat", "bits": 4, "group_size": 8, "init": "gptq", "num_samples": 2, "seq_len": 32,

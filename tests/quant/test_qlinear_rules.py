@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
+from tiny import tiny_llama  # tests/tiny.py
 
 from slimformer.export.hf import dense_copy
 from slimformer.export.onnx_ops import OnnxInt4Linear, export_form
@@ -19,10 +19,8 @@ FLOAT = {"symmetric": False, "zero_point": "float"}
 
 
 def _llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=40, intermediate_size=72, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    return tiny_llama(hidden_size=40, intermediate_size=72, num_attention_heads=2, num_key_value_heads=1,
+                      max_position_embeddings=2048)
 
 
 def _linear() -> torch.nn.Linear:

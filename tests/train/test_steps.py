@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from tiny import tiny_llama  # tests/tiny.py
 
 import slimformer
 from slimformer.errors import UserError
@@ -22,9 +23,7 @@ TRAIN = {"steps": 5, "batch_size": 2, "seq_len": 32, "lr": 2e-2, "schedule": "co
 def tiny_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     tok = transformers.AutoTokenizer.from_pretrained(resolve_alias("smollm2-135m"), local_files_only=True)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024))
+    model = tiny_llama(None, vocab_size=tok.vocab_size, num_hidden_layers=4, max_position_embeddings=1024)
     folder = tmp_path_factory.mktemp("tiny") / "llama"
     model.save_pretrained(folder)
     tok.save_pretrained(folder)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 import transformers
 
 from slimformer.errors import UserError
@@ -14,10 +13,7 @@ from train_tiny import tiny_llama, tiny_windows
 
 
 def _llama(hidden: int) -> transformers.LlamaForCausalLM:
-    torch.manual_seed(1)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=64, hidden_size=hidden, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64))
+    return tiny_llama(1, hidden_size=hidden)
 
 
 def test_wider_student_is_refused() -> None:

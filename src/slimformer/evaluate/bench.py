@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from slimformer.errors import UserError
+from slimformer.evaluate.latency import time_calls, torch_threads
 
 RUNTIMES = ("torch", "onnxruntime")
 ENCODER_IDS = 1000  # random ids for a bare encoder .onnx file (its vocabulary is unknown; any valid id times the same)
@@ -56,18 +56,6 @@ def latency_stats(times_ms: list[float], tokens: int) -> dict[str, float]:
     median = statistics.median(times_ms)
     return {"median_ms": round(median, 3), "min_ms": round(min(times_ms), 3), "max_ms": round(max(times_ms), 3),
             "tokens_per_s": round(tokens / (median / 1e3), 2), "runs": len(times_ms)}
-
-
-def time_calls(fn: Callable[[], Any], runs: int, warmup: int) -> list[float]:
-    """Milliseconds of each of `runs` calls of `fn` after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 @dataclass
@@ -132,9 +120,7 @@ def bench_ort_decoding(model: Any, vocab: int, s: BenchSettings) -> dict[str, An
 @torch.inference_mode()
 def bench_target(target: Target, s: BenchSettings) -> dict[str, Any]:
     """Every measurement for one model, with torch's thread count set for the call and restored."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(s.threads or previous)
-    try:
+    with torch_threads(s.threads) as threads:
         result: dict[str, Any] = {"model": target.name, "runtime": target.runtime, "kind": target.kind,
                                   "size_bytes": target.size_bytes, "forward": bench_forward(target, s)}
         if target.kind == "decoder" and s.prefill:
@@ -144,9 +130,7 @@ def bench_target(target: Target, s: BenchSettings) -> dict[str, Any]:
                 result.update(bench_ort_decoding(target.model, target.vocab, s))
             else:
                 result["decode_note"] = "this ONNX file has no key/value cache inputs: re-export with kv_cache"
-    finally:
-        torch.set_num_threads(previous)
-    result["threads"] = s.threads or previous
+    result["threads"] = threads
     return result
 
 

@@ -4,10 +4,37 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+
+
+def time_calls(fn: Callable[[], Any], runs: int, warmup: int) -> list[float]:
+    """Milliseconds of each of `runs` calls of `fn` after `warmup` untimed ones: the one timer every
+    latency figure (torch, onnxruntime, llama.cpp) comes from."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """torch's intra-op thread count set to `threads` (None: left as it is) inside the block, and
+    restored after; yields the count in force."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        yield threads or previous
+    finally:
+        torch.set_num_threads(previous)
 
 
 @torch.inference_mode()
@@ -16,20 +43,11 @@ def measure_latency(
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Median/min/max milliseconds of one forward pass on fixed random token ids (batch x seq)."""
-    previous = torch.get_num_threads()
-    threads = threads or previous
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads) as threads:
         ids = torch.randint(0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
         mask = torch.ones_like(ids)
-        times = []
-        for i in range(warmup + runs):
-            start = time.perf_counter()
-            model(input_ids=ids, attention_mask=mask, use_cache=False) if _takes_cache(model) else model(input_ids=ids, attention_mask=mask)
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1e3)
-    finally:
-        torch.set_num_threads(previous)
+        extra = {"use_cache": False} if _takes_cache(model) else {}
+        times = time_calls(lambda: model(input_ids=ids, attention_mask=mask, **extra), runs, warmup)
     return {
         "latency_ms": statistics.median(times), "latency_min_ms": min(times), "latency_max_ms": max(times),
         "latency_batch": batch, "latency_seq": seq, "latency_threads": threads, "latency_runs": runs,
@@ -48,22 +66,12 @@ def measure_decode(model: nn.Module, vocab_size: int, *, context: int = 512, run
     Empty for a model without a cache (an ONNX file exported without one)."""
     if hasattr(model, "step") and not getattr(model, "has_kv_cache", False):
         return {}
-    previous = torch.get_num_threads()
-    threads = threads or previous
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         gen = torch.Generator().manual_seed(0)
         prompt = torch.randint(0, vocab_size, (1, context), generator=gen)
-        tokens = torch.randint(0, vocab_size, (1, warmup + runs), generator=gen)
+        tokens = iter(torch.randint(0, vocab_size, (1, warmup + runs), generator=gen).split(1, dim=1))
         step = _ort_stepper(model, prompt) if hasattr(model, "step") else _torch_stepper(model, prompt)
-        times = []
-        for i in range(warmup + runs):
-            start = time.perf_counter()
-            step(tokens[:, i : i + 1])
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1e3)
-    finally:
-        torch.set_num_threads(previous)
+        times = time_calls(lambda: step(next(tokens)), runs, warmup)
     return {"decode_ms": statistics.median(times), "decode_min_ms": min(times), "decode_max_ms": max(times),
             "decode_context": context, "decode_runs": runs}
 

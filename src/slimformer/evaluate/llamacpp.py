@@ -158,7 +158,8 @@ class GgufModel:
     def time_forward(self, seq: int = 128, runs: int = 20, warmup: int = 3) -> dict[str, float]:
         """One 1 x `seq` forward from an empty cache with the logits of every position (what a
         torch forward without cache computes); `latency_stats` keys."""
-        from slimformer.evaluate.bench import latency_stats, time_calls
+        from slimformer.evaluate.bench import latency_stats
+        from slimformer.evaluate.latency import time_calls
 
         ids = _random_ids(self.vocab, seq, seed=0)
         return latency_stats(time_calls(lambda: self.logits(ids), runs, warmup), seq)
@@ -167,7 +168,8 @@ class GgufModel:
         """Prefill 1 x `prefill` tokens from an empty cache, then one token per step on that cache,
         as generation does: only the last position's logits are computed. A context of its own
         (`prefill + warmup + runs` tokens); {"prefill", "decode"} as `bench` reports them."""
-        from slimformer.evaluate.bench import latency_stats, time_calls
+        from slimformer.evaluate.bench import latency_stats
+        from slimformer.evaluate.latency import time_calls
 
         if prefill < 1:
             raise UserError(f"prefill must be a positive number of tokens, got {prefill}.")
