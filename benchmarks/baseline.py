@@ -9,8 +9,8 @@ minilm-l6: embedding cosine (1.0 by definition) and tweets linear-probe accuracy
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+import harness  # benchmarks/harness.py: write_json
 
 from slimformer.api import evaluate
 from slimformer.evaluate.measure import EvalSettings
@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     results = run(args.threads, args.max_windows)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2))
+    harness.write_json(args.json, results)
     print(f"\nwrote {args.json}")
 
 

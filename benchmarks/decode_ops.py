@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,9 @@ import onnxruntime as ort
 import torch
 import transformers
 from onnx import TensorProto, helper, numpy_helper
+import harness  # benchmarks/harness.py: write_json
 
+from slimformer.evaluate.latency import time_calls
 from slimformer.export.onnx import export_onnx
 
 BLOCK = 128
@@ -53,14 +53,8 @@ def products(k: int, n: int, threads: int, runs: int) -> dict[str, float]:
     x = rng.standard_normal((1, k)).astype(np.float32)
     out = {}
     for name, sess in sessions.items():
-        for _ in range(20):
-            sess.run(None, {"x": x})
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            sess.run(None, {"x": x})
-            times.append(time.perf_counter() - start)
-        out[name] = round(statistics.median(times) * 1e6, 1)
+        times_ms = time_calls(lambda: sess.run(None, {"x": x}), runs, warmup=20)
+        out[name] = round(statistics.median(times_ms) * 1e3, 1)  # microseconds
     return out
 
 
@@ -92,7 +86,7 @@ def main() -> None:
         print(f"(1, {args.k}) @ ({args.k}, {args.n}) {name:32s} {us:8.1f} us")
     print(f"nodes in one decoder block: {result['block_nodes']['total']} ({result['block_nodes']})")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
+    harness.write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import tempfile
 import time
@@ -36,11 +35,13 @@ import torch
 from torch import nn
 
 import encoder_int8  # benchmarks/encoder_int8.py: its dynamic-variant and ONNX-session helpers
+import harness  # benchmarks/harness.py: write_json
+
 from slimformer.context import StepContext
 from slimformer.data.sources import load_data
 from slimformer.data.windows import lm_windows
 from slimformer.evaluate.bench import BenchSettings, bench_ort_decoding, bench_torch_decoding
-from slimformer.evaluate.latency import measure_latency
+from slimformer.evaluate.latency import measure_latency, time_calls, torch_threads
 from slimformer.evaluate.measure import EvalSettings, measure, prepare_eval
 from slimformer.evaluate.pareto import plot_pareto
 from slimformer.evaluate.perplexity import perplexity
@@ -59,20 +60,11 @@ def apply_steps(model: nn.Module, steps: str, ctx: StepContext) -> nn.Module:
 
 def copy_bandwidth(gib: float, repeats: int = 5, threads: int = 2) -> dict[str, float]:
     """Median GB/s of copying a `gib` GiB fp32 tensor into another (bytes read + bytes written)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         src = torch.ones(int(gib * 2**30) // 4)
         dst = torch.empty_like(src)
-        dst.copy_(src)  # touch every page once before timing
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            dst.copy_(src)
-            times.append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(previous)
-    return {"copy_gib": gib, "copy_GBps": round(2 * src.numel() * 4 / statistics.median(times) / 1e9, 2),
+        times_ms = time_calls(lambda: dst.copy_(src), repeats, warmup=1)  # the warm-up touches every page
+    return {"copy_gib": gib, "copy_GBps": round(2 * src.numel() * 4 / (statistics.median(times_ms) / 1e3) / 1e9, 2),
             "repeats": repeats}
 
 
@@ -298,7 +290,7 @@ def main() -> None:
         print(f"\ncopy bandwidth {report['decoder']['bandwidth']['copy_GBps']} GB/s")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     report["plots"] = plots(report, args.plot)
-    args.json.write_text(json.dumps(report, indent=2))
+    harness.write_json(args.json, report)
     print(f"\nwrote {args.json}, {', '.join(report['plots'])}")
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+import harness  # benchmarks/harness.py: write_json
 
 from slimformer.context import StepContext
 from slimformer.data.sources import load_data
@@ -174,7 +175,7 @@ def main() -> None:
         print("(c) ddp", flush=True)
         results["ddp"] = ddp_part(args.ddp_model, args.steps or 20, args.max_windows or 8)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2))
+    harness.write_json(args.json, results)
     print(f"wrote {args.json}")
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import tempfile
 import time
 import warnings
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+import harness  # benchmarks/harness.py: write_json
 
 from slimformer.evaluate.measure import EvalSettings, measure, prepare_eval
 from slimformer.export.onnx import OrtModel, export_onnx
@@ -138,7 +138,7 @@ def main() -> None:
         results = run(args.threads, args.runs, args.int_mm_runs, args.only)
     print("\n" + table(results))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"threads": args.threads, "torch": torch.__version__, "results": results}, indent=2))
+    harness.write_json(args.json, {"threads": args.threads, "torch": torch.__version__, "results": results})
     print(f"\nwrote {args.json}")
 
 

@@ -23,6 +23,7 @@ from slimformer.data.windows import calibration_windows, lm_windows
 from slimformer.evaluate.perplexity import perplexity
 from slimformer.models.layout import select_linears
 from slimformer.models.loading import load_bundle
+from slimformer.outputs import write_text_atomic
 from slimformer.recipe import Recipe
 
 
@@ -198,14 +199,21 @@ def run_benchmark(args: argparse.Namespace, plan: list, run_fn: Callable, prefix
     for text in evals:
         print(f"\n{text}:\n" + table(rows, text if bench.more_evals else None))
     out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": torch.get_num_threads(), "max_windows": args.max_windows,
+    write_json(out, {"threads": torch.get_num_threads(), "max_windows": args.max_windows,
                                "max_windows_other": args.max_windows_other,
                                "model": args.model, "calib_text": args.calib_text,
                                "eval_windows": {t: int(w.shape[0]) for t, w in evals.items()},
                                "calib_windows": int(bench.calib_windows.shape[0]), "fp32_ppl": fp32["ppl"],
-                               "fp32": fp32, "rows": rows}, indent=2))
+                               "fp32": fp32, "rows": rows})
     print(f"\nwrote {out}")
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Every benchmark's result file: `data` as indented JSON at `path` (parents created), written
+    through a temporary sibling and a rename, so a stopped run leaves no half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def add_common_args(parser: argparse.ArgumentParser, json_default: str) -> None:

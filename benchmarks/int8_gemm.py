@@ -8,14 +8,15 @@ can gain for a whole model whose linear layers are a fraction of its time.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+import harness  # benchmarks/harness.py: write_json
+
+from slimformer.evaluate.latency import time_calls
 
 
 def _session(nodes: list, x_type: int, shape: list[int], weight: np.ndarray, threads: int) -> ort.InferenceSession:
@@ -29,13 +30,7 @@ def _session(nodes: list, x_type: int, shape: list[int], weight: np.ndarray, thr
 
 
 def _median_ms(session: ort.InferenceSession, x: np.ndarray, runs: int) -> float:
-    session.run(None, {"x": x})  # warm-up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, {"x": x})
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return statistics.median(time_calls(lambda: session.run(None, {"x": x}), runs, warmup=1))
 
 
 def main() -> None:
@@ -73,7 +68,7 @@ def main() -> None:
     for name, r in results.items():
         print(f"| {name} | {r['ms']} | {r['gops']} | {base / r['ms']:.2f}x |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"shape": [m, k, n], "threads": args.threads, "results": results}, indent=2))
+    harness.write_json(args.json, {"shape": [m, k, n], "threads": args.threads, "results": results})
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import harness  # benchmarks/harness.py: write_json
+
 RECIPES = {
     "gptq": "steps: [{method: gptq, bits: 4, group_size: 128, num_samples: %d}]",
     "awq": "steps: [{method: awq, bits: 4, group_size: 128, num_samples: %d}]",
@@ -24,11 +26,11 @@ RECIPES = {
 # run in a child interpreter: load, measure RSS, compress, measure peak RSS
 CHILD = """
 import json, resource, sys, time
+
 from slimformer.context import StepContext
 from slimformer.data.sources import load_data
 from slimformer.models.loading import load_bundle
 from slimformer.recipe import Recipe
-from slimformer.registry import get_method
 
 def rss_now():
     for line in open("/proc/self/status"):
@@ -70,7 +72,7 @@ def main() -> None:
               f"{r['rss_after_load_bytes'] / 1e6:.0f} | {r['peak_rss_bytes'] / 1e6:.0f} | "
               f"{r['peak_minus_fp32_bytes'] / 1e6:.0f} | {r['compress_s']} |", flush=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"calib_windows": args.calib_windows, "results": results}, indent=2))
+    harness.write_json(args.json, {"calib_windows": args.calib_windows, "results": results})
     print(f"\nwrote {args.json}")
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 import transformers
+import harness  # benchmarks/harness.py: write_json
 
 from slimformer.artifact import save_artifact
 from slimformer.config import build_config
@@ -129,8 +129,7 @@ def main() -> None:
     print("\n" + table(results))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": torch.get_num_threads(), "settings": asdict(settings), "results": results},
-                              indent=2))
+    harness.write_json(out, {"threads": torch.get_num_threads(), "settings": asdict(settings), "results": results})
     print(f"\nwrote {out}")
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import transformers
+import harness  # benchmarks/harness.py: write_json
 
 from slimformer.artifact import save_artifact
 from slimformer.context import StepContext
@@ -101,8 +101,8 @@ def main() -> None:
     print("\n" + table(results))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": torch.get_num_threads(), "max_windows": args.max_windows,
-                               "results": results}, indent=2))
+    harness.write_json(out, {"threads": torch.get_num_threads(), "max_windows": args.max_windows,
+                               "results": results})
     print(f"\nwrote {out}")
 
 

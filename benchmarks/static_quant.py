@@ -17,6 +17,7 @@ import copy
 import json
 import time
 from pathlib import Path
+import harness  # benchmarks/harness.py: write_json
 
 from slimformer.context import StepContext
 from slimformer.data.sources import load_data
@@ -87,7 +88,7 @@ def main() -> None:
     results = run(args.max_windows, args.num_samples, args.only)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+        harness.write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from dataclasses import replace
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import harness  # benchmarks/harness.py: write_json
 
 from slimformer.context import StepContext
 from slimformer.data.sources import load_data
@@ -148,7 +148,7 @@ def main() -> None:
     results["settings"] = vars(args) | {"json": str(args.json)}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+        harness.write_json(args.json, results)
 
 
 if __name__ == "__main__":
