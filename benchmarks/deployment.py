@@ -138,6 +138,23 @@ def encoder_table(part: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- (b) decoder
 
 
+def decoder_variants(args: argparse.Namespace) -> dict[str, tuple[tuple[str, ...], str]]:
+    """name -> (recipe steps, MatMulNBits compute): fp32, int8 dynamic, int4 GPTQ with and without a
+    4-bit lm_head, with exact or int8 compute."""
+    gptq = (f"{{method: gptq, bits: 4, group_size: {args.group_size}, num_samples: {args.gptq_samples}, "
+            f"seq_len: {args.gptq_seq_len}}}")
+    lm_head = f"{{method: rtn, bits: 4, group_size: {args.group_size}, targets: [lm_head]}}"
+    # the last variant adds a 4-bit lm_head (RTN) to the GPTQ model: the fp32 lm_head is 113 of the
+    # ~170 MB an int4 SmolLM2 decode step reads, so it bounds the decode speedup
+    # "int8 compute": the same 4-bit files with MatMulNBits accuracy_level 4 (int8 activations)
+    int4 = f"int4 GPTQ g{args.group_size}"
+    return {"fp32": ((), "fp32"), "int8 dynamic (per-token)": (("{method: dynamic}",), "fp32"),
+            "int8 dynamic (per-tensor)": (("{method: dynamic, activations: tensor}",), "fp32"),
+            int4: ((gptq,), "fp32"), f"{int4} + int4 lm_head": ((gptq, lm_head), "fp32"),
+            f"{int4}, int8 compute": ((gptq,), "int8"),
+            f"{int4} + int4 lm_head, int8 compute": ((gptq, lm_head), "int8")}
+
+
 def run_decoder(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     bandwidth = copy_bandwidth(args.copy_gib, threads=args.threads)
     print(f"  copy bandwidth: {bandwidth['copy_GBps']} GB/s ({args.copy_gib} GiB copy)", flush=True)
@@ -147,18 +164,7 @@ def run_decoder(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     ctx = StepContext(tokenizer=base.tokenizer, calib=load_data("lee-news", "calib"), progress=False)
     timing = BenchSettings(runtime="onnxruntime", runs=args.runs, warmup=args.warmup, prefill=args.prefill,
                            threads=args.threads)
-    gptq = (f"{{method: gptq, bits: 4, group_size: {args.group_size}, num_samples: {args.gptq_samples}, "
-            f"seq_len: {args.gptq_seq_len}}}")
-    lm_head = f"{{method: rtn, bits: 4, group_size: {args.group_size}, targets: [lm_head]}}"
-    # the last variant adds a 4-bit lm_head (RTN) to the GPTQ model: the fp32 lm_head is 113 of the
-    # ~170 MB an int4 SmolLM2 decode step reads, so it bounds the decode speedup
-    # "int8 compute": the same 4-bit files with MatMulNBits accuracy_level 4 (int8 activations)
-    int4 = f"int4 GPTQ g{args.group_size}"
-    variants = {"fp32": ((), "fp32"), "int8 dynamic (per-token)": (("{method: dynamic}",), "fp32"),
-                "int8 dynamic (per-tensor)": (("{method: dynamic, activations: tensor}",), "fp32"),
-                int4: ((gptq,), "fp32"), f"{int4} + int4 lm_head": ((gptq, lm_head), "fp32"),
-                f"{int4}, int8 compute": ((gptq,), "int8"),
-                f"{int4} + int4 lm_head, int8 compute": ((gptq, lm_head), "int8")}
+    variants = decoder_variants(args)
     # compressed models (and their seconds) kept for the other variants whose steps start with theirs
     done: dict[tuple[str, ...], tuple[nn.Module, float]] = {}
     results: dict[str, dict[str, Any]] = {}
