@@ -24,7 +24,7 @@ from slimformer.train.checkpoints import latest, load_optimizer, load_weights, s
 from slimformer.train.data import TrainData, micro_batches
 from slimformer.train.schedule import lr_at
 from slimformer.train.sharding import fsdp_split, full_model, gather_full
-from slimformer.train.task import TrainModule, TrainConfig, TrainState, TrainTask, apply_masks, fixed_masks
+from slimformer.train.task import TrainConfig, TrainModule, TrainState, TrainTask, fixed_masks, reapply_masks
 
 
 def train(model: nn.Module, task: TrainTask, data: TrainData, options: TrainConfig, *,
@@ -64,7 +64,7 @@ def train(model: nn.Module, task: TrainTask, data: TrainData, options: TrainConf
                 group["lr"] = lr
             loss = _step(wrapped, optimizer, data, step, options, rank, world, dev, masks)
             state.step, state.lr = step + 1, lr
-            apply_masks(module.model, state.masks)
+            reapply_masks(module.model, state.masks)
             if type(task).after_step is not TrainTask.after_step:  # FSDP: a full-weight round trip, so only if needed
                 with full_model(wrapped, module, template, fsdp) as full:
                     task.after_step(full.model, state)

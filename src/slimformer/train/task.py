@@ -111,7 +111,7 @@ def fixed_masks(model: nn.Module) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def apply_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
+def reapply_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
     """Zero the masked-out weights (in place; an FSDP-sharded weight shard by shard)."""
     for name, mask in masks.items():
         weight = model.get_submodule(name).weight
