@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from slimformer.errors import UserError
@@ -108,8 +107,7 @@ def save_hf(
     if bundle.tokenizer is not None:
         ids, mask = parity_inputs(bundle)
         plain = load_bundle(info["path"], tokenizer=False).model.float()
-        with torch.inference_mode():
-            info["parity"] = output_parity(bundle.model, plain, bundle.kind, ids, mask)
+        info["parity"] = output_parity(bundle.model, plain, bundle.kind, ids, mask)  # runs under inference_mode
     return {"model": bundle.name, "kind": bundle.kind, **info}
 
 
