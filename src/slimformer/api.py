@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from slimformer.artifact import save_artifact
@@ -28,9 +29,11 @@ from slimformer.evaluate.size import folder_bytes
 from slimformer.export.entry import export, export_gguf_file, export_stage, save_compressed, save_hf
 from slimformer.models.layout import select_linears
 from slimformer.models.loading import ModelBundle, load_bundle, resolve_folder
+from slimformer.models.placement import check_runs_on, dtype_name, model_dtype, peak_memory, resolve_device, resolve_dtype
 from slimformer.outputs import OutputLock, atomic_folder, check_folder_output, no_space_error, protected_paths
 from slimformer.quant.qscheme import check_group_fits
 from slimformer.recipe import Recipe
+from slimformer.registry import get_method
 
 
 def load(path: str | Path) -> nn.Module:
@@ -48,8 +51,14 @@ def compress(
     overwrite: bool = False,
     progress: bool = True,
     resume: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> dict[str, Any]:
     """Run `recipe` on `model`, measure before/after, and (with `output`) write the folder.
+
+    `dtype`: what a Hugging Face folder loads in (`auto`: its checkpoint's own). `device`: where the
+    math runs (`auto`: a GPU when torch sees one): layer-wise methods move one block at a time there
+    while the model stays on the host; whole-model steps and the measurements move the model there.
 
     Returns the report dict (see docs). The input model is never modified: a loaded bundle is
     deep-copied first, an output that is or holds the input is refused, and output goes to a
@@ -59,6 +68,8 @@ def compress(
     """
     started = time.perf_counter()
     recipe = Recipe.coerce(recipe)
+    compute = resolve_device(device)  # bad --device/--dtype fail before anything is read
+    resolve_dtype(dtype)
     main = _start_distributed()  # under torchrun: every rank runs the steps, rank 0 alone measures and writes
     if resume and output is None:
         raise UserError("resume needs an output folder: the checkpoint lives beside it.")
@@ -67,16 +78,18 @@ def compress(
                                                               overwrite=overwrite)
     with OutputLock(out_dir) if out_dir is not None and main else contextlib.nullcontext():
         return _compress(model, recipe, calib, eval, out_dir, overwrite=overwrite, progress=progress,
-                         resume=resume, main=main, started=started)
+                         resume=resume, main=main, started=started, device=compute, dtype=dtype)
 
 
 def _compress(model: str | Path | ModelBundle, recipe: Recipe, calib: str | None, eval: str | EvalSettings | None,  # noqa: A002
               out_dir: Path | None, *, overwrite: bool, progress: bool, resume: bool, main: bool,
-              started: float) -> dict[str, Any]:
+              started: float, device: torch.device, dtype: str) -> dict[str, Any]:
     """`compress` once its output is checked and locked: everything the input can be faulted for is
     found before the first measurement."""
     settings = eval if isinstance(eval, EvalSettings) else EvalSettings(data=eval, progress=progress)
-    bundle = load_bundle(model) if not isinstance(model, ModelBundle) else model
+    settings = dataclasses.replace(settings, device=device)
+    bundle = load_bundle(model, dtype=dtype) if not isinstance(model, ModelBundle) else model
+    check_runs_on(model_dtype(bundle.model), device)
     calib_name = calib or DEFAULT_CALIB[bundle.kind]
     root = out_dir.parent / f".{out_dir.name}.resume" if out_dir is not None else None
     digest = fingerprint(model=bundle.name, source=_source_identity(bundle), recipe=recipe.to_dict(), calib=calib_name)
@@ -84,12 +97,16 @@ def _compress(model: str | Path | ModelBundle, recipe: Recipe, calib: str | None
         open_checkpoints(root, digest, resume)  # a damaged or foreign checkpoint is refused now
     calib_data = load_data(calib_name, "calib")
     data = prepare_eval(bundle, settings)
-    work = copy.deepcopy(bundle.model)
+    # the recipe works on a copy only when the original is still needed afterwards: the caller's
+    # own model, a training step's teacher, the distribution comparison (else a copy doubles RSS)
+    keep = isinstance(model, ModelBundle) or settings.distribution or any(
+        get_method(s.method).stage == "train" for s in recipe.steps)
+    work = copy.deepcopy(bundle.model) if keep else bundle.model
     _check_fits(recipe, work, bundle)
     _check_calibration(recipe, bundle, calib_data)
     _barrier()
     ctx = StepContext(tokenizer=bundle.tokenizer, kind=bundle.kind, calib=calib_data, progress=progress and main,
-                      teacher=bundle.model, resume=resume, fingerprint=digest)
+                      teacher=bundle.model if keep else None, resume=resume, fingerprint=digest, device=device)
     done = False
     try:
         report = _run_recipe(bundle, work, recipe, ctx, root, data, settings, main, calib_name)
@@ -151,6 +168,7 @@ def _run_recipe(bundle: ModelBundle, work: nn.Module, recipe: Recipe, ctx: StepC
     return {
         "model": bundle.name, "recipe": recipe.to_dict(), "eval_data": data.name, "calib_data": calib_name,
         "baseline": baseline, "compressed": None, "steps": steps, "environment": environment(),
+        "dtype": dtype_name(model_dtype(bundle.model)), "device": str(ctx.device),
     }
 
 
@@ -166,6 +184,7 @@ def _finish(report: dict[str, Any], bundle: ModelBundle, work: nn.Module, recipe
     dist = _distributions(bundle, work, data, settings) if settings.distribution else None
     if dist is not None:
         report["distribution"] = dist.to_json()
+    report["memory"] = peak_memory(settings.device)  # the whole run's peaks: load, steps, measurements
     if out_dir is None:
         compressed["size_bytes"] = _saved_bytes(compressed_bundle, recipe)
         if recipe.export is not None:  # measured from a temporary file: no folder to keep it in
@@ -178,19 +197,25 @@ def _finish(report: dict[str, Any], bundle: ModelBundle, work: nn.Module, recipe
                   if recipe.export is not None else None)
 
 
-def evaluate(model: str | Path | ModelBundle, eval: str | EvalSettings | None = None, *, progress: bool = True) -> dict[str, Any]:  # noqa: A002
+def evaluate(model: str | Path | ModelBundle, eval: str | EvalSettings | None = None, *, progress: bool = True,  # noqa: A002
+             device: str = "auto", dtype: str = "auto") -> dict[str, Any]:
     """Measure one model (alias, HF folder, compressed folder, or a .gguf file run in llama.cpp):
-    quality, size, speed."""
+    quality, size, speed. `device`/`dtype` as in `compress` (a .gguf file runs in llama.cpp)."""
     settings = eval if isinstance(eval, EvalSettings) else EvalSettings(data=eval, progress=progress)
+    settings = dataclasses.replace(settings, device=resolve_device(device))
+    resolve_dtype(dtype)
     if isinstance(model, (str, Path)) and str(model).endswith(".gguf"):
         from slimformer.evaluate.llamacpp import evaluate_gguf
 
         return {**evaluate_gguf(model, settings), "environment": environment()}
-    bundle = load_bundle(model) if not isinstance(model, ModelBundle) else model
+    bundle = load_bundle(model, dtype=dtype) if not isinstance(model, ModelBundle) else model
+    check_runs_on(model_dtype(bundle.model), settings.device)
     data = prepare_eval(bundle, settings)
     metrics = measure(bundle, data, settings)
     metrics["size_bytes"] = _source_bytes(bundle)
-    return {"model": bundle.name, "eval_data": data.name, "metrics": metrics, "environment": environment()}
+    return {"model": bundle.name, "eval_data": data.name, "metrics": metrics, "environment": environment(),
+            "dtype": dtype_name(model_dtype(bundle.model)), "device": str(settings.device),
+            "memory": peak_memory(settings.device)}
 
 
 def _step_metrics(bundle: ModelBundle, work: nn.Module, data: EvalData, settings: EvalSettings) -> dict[str, Any]:

@@ -30,6 +30,15 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
                    help="decoders: time one-token decode after a prompt of this many tokens (0: skip; default 512)")
     p.add_argument("--threads", type=int, help="threads for latency (default: torch's current setting)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _placement_options(p)
+
+
+def _placement_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                   help="where the math runs (default auto: a GPU when torch sees one); layer-wise methods move "
+                        "one block at a time there while the model stays in host memory")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="what a Hugging Face folder loads in (default auto: the checkpoint's own dtype)")
 
 
 def _add_compress(sub: argparse._SubParsersAction) -> None:
@@ -97,6 +106,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="decoders: prefill length, and the context of per-token decode (default 512; 0 skips)")
     b.add_argument("--compare", action="store_true", help="one side-by-side table with ratios to the first model")
     b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    _placement_options(b)
 
 
 def _settings(args: argparse.Namespace):  # -> EvalSettings
@@ -137,6 +147,7 @@ def _compress(args: argparse.Namespace) -> None:
     report = api.compress(
         args.model, Path(args.recipe), calib=args.calib, eval=_settings(args),
         output=args.output, overwrite=args.overwrite, progress=not args.quiet, resume=args.resume,
+        device=args.device, dtype=args.dtype,
     )
     if "compressed" not in report:  # a torchrun rank other than 0: rank 0 reports and writes
         return
@@ -153,7 +164,7 @@ def _evaluate(args: argparse.Namespace) -> dict:
     from slimformer import api
     from slimformer.evaluate.report import metrics_table
 
-    result = api.evaluate(args.model, _settings(args))
+    result = api.evaluate(args.model, _settings(args), device=args.device, dtype=args.dtype)
     print(f"\n{result['model']} on {result['eval_data']}:\n")
     print(metrics_table({result["model"]: result["metrics"]}))
     return result
@@ -163,7 +174,8 @@ def _bench(args: argparse.Namespace) -> dict:
     from slimformer.evaluate.bench import BenchSettings, bench, compare_table
 
     settings = BenchSettings(runtime=args.runtime, batch=args.batch, seq=args.seq, threads=args.threads,
-                             runs=args.runs, warmup=args.warmup, prefill=args.prefill)
+                             runs=args.runs, warmup=args.warmup, prefill=args.prefill, device=args.device,
+                             dtype=args.dtype)
     report = bench(args.models, settings, progress=print)
     if args.compare:
         print("\n" + compare_table(report))

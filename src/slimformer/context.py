@@ -28,6 +28,8 @@ class StepContext:
     fingerprint: str | None = None  # the run's: stored with every checkpoint, checked on restore
     # training steps: the frozen model as it was before the recipe (the distillation teacher)
     teacher: Any = None
+    # where layer-wise blocks and whole-model steps compute (None: where the weights are)
+    device: Any = None
 
     def calibration_windows(self, num_samples: int, seq_len: int, method: str) -> Tensor:
         """(num_samples, seq_len) token windows of the calibration text (BOS-first where the

@@ -27,6 +27,7 @@ import yaml
 
 from slimformer.config import build_config
 from slimformer.errors import UserError, shown
+from slimformer.models.placement import onloaded
 from slimformer.registry import get_method
 
 
@@ -177,7 +178,10 @@ class Recipe:
         for i, step in enumerate(self.steps):
             start = time.perf_counter()
             step_ctx = dataclasses.replace(ctx, checkpoint=checkpoints / f"step{i}") if checkpoints else ctx
-            info = get_method(step.method).apply(model, step.config, step_ctx)
+            method = get_method(step.method)
+            device = getattr(ctx, "device", None) if method.placement == "model" else None
+            with onloaded(model, device):  # whole-model passes run on the device; "blocks" onload one at a time
+                info = method.apply(model, step.config, step_ctx)
             infos.append({"method": step.method, **step.to_dict(), **info,
                           "wall_s": round(time.perf_counter() - start, 2)})
             if after_step is not None:

@@ -41,18 +41,24 @@ class Method:
     config_cls: type
     stage: str  # "prune" | "quant" | "train": pruning or training after quantization is refused
     apply: Callable[..., dict[str, Any]]
+    # where it computes on `--device`: "blocks" (the calibration engine moves one block at a time),
+    # "model" (forward/backward passes of the whole model: it moves there for the step), "host"
+    # (weight-only math where the weights are)
+    placement: str = "host"
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, config_cls: type, stage: str) -> Callable:
+def register(name: str, config_cls: type, stage: str, placement: str = "host") -> Callable:
     """Register `fn(model, config, ctx) -> step info dict` as recipe method `name`."""
+    if placement not in ("blocks", "model", "host"):
+        raise ValueError(f"placement must be blocks, model or host, got {placement!r}")
 
     def deco(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
         if name in METHODS:
             raise RuntimeError(f"method '{name}' registered twice")
-        METHODS[name] = Method(name, config_cls, stage, fn)
+        METHODS[name] = Method(name, config_cls, stage, fn, placement)
         return fn
 
     return deco

@@ -11,6 +11,7 @@ import torch
 
 from slimformer.calibrate.hessian_math import accumulate_hessian
 from slimformer.errors import UserError
+from slimformer.models.placement import HOST
 
 
 class SharedInputs:
@@ -61,12 +62,12 @@ class HessianCollector(SharedInputs):
 
     def add(self, name: str, x: torch.Tensor) -> None:
         h, n = self.sums.get(name, (None, 0))
-        self.sums[name] = accumulate_hessian(h, x, n, self._weights(x.shape[0]))
+        self.sums[name] = accumulate_hessian(h, x, n, self._weights(x.shape[0], x.device))
 
-    def _weights(self, tokens: int) -> torch.Tensor | None:
+    def _weights(self, tokens: int, device: torch.device) -> torch.Tensor | None:
         if self.seq_len is None or self.sink_weight == 1.0 or tokens % self.seq_len:
             return None
-        w = torch.ones(tokens // self.seq_len, self.seq_len)
+        w = torch.ones(tokens // self.seq_len, self.seq_len, device=device)
         w[:, 0] = self.sink_weight
         return w.reshape(-1)
 
@@ -105,7 +106,8 @@ class InputObservers(SharedInputs):
 
     def add(self, name: str, x: torch.Tensor) -> None:
         observer = self.observers.setdefault(name, self.make())
-        observer.update(x / self.divisors[name] if name in self.divisors else x)  # (tokens, in)
+        x = x.to(HOST)  # observers keep their histograms and samples on the host
+        observer.update(x / self.divisors[name].to(HOST) if name in self.divisors else x)  # (tokens, in)
 
     def get(self, name: str) -> Any:
         return self.observers[self.leader(name)]

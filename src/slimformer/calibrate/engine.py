@@ -20,6 +20,7 @@ from slimformer.checkpoint import BlockCheckpoint
 from slimformer.context import StepContext, track
 from slimformer.errors import UserError
 from slimformer.models.layout import find_blocks
+from slimformer.models.placement import compute_dtype_for, onloaded, to_device
 
 
 class _Captured(Exception):
@@ -52,8 +53,11 @@ def _hidden(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def capture_first_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> BlockInputs:
-    """Run the model's embedding stage on `windows` (n, T) and record block 0's call arguments."""
+def capture_first_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int = 8,
+                               device: torch.device | None = None, dtype: torch.dtype | None = None) -> BlockInputs:
+    """Run the model's embedding stage on `windows` (n, T) where the model is, and record block 0's
+    call arguments (moved to `device` and floating tensors cast to `dtype` when given: the blocks
+    compute there, in that precision)."""
     _, blocks = find_blocks(model)
     calls: list[tuple[tuple, dict[str, Any]]] = []
 
@@ -72,7 +76,7 @@ def capture_first_block_inputs(model: nn.Module, windows: torch.Tensor, batch_si
                     pass
     finally:
         handle.remove()
-    return BlockInputs(calls)
+    return BlockInputs(to_device(calls, device, dtype))
 
 
 def _no_cache(model: nn.Module) -> dict[str, Any]:
@@ -92,8 +96,15 @@ def run_layerwise(
     returns must be JSON-able (it is saved with the block). With `ctx.checkpoint` set, each finished
     block is saved there, and with `ctx.resume` the saved blocks are restored instead of recomputed.
     `after_block(index, next_inputs)` runs once a block is done.
+
+    The blocks compute on `ctx.device` (default: where the weights are): each moves there for its
+    turn and back to the host after, and the activations stay there, so the device holds one block
+    and its activations at a time. A bf16/fp16 model's blocks compute in fp32 while they are
+    calibrated (`compute_dtype_for`), and are rounded back to the stored dtype after.
     """
     _, blocks = find_blocks(model)
+    device = ctx.device if ctx is not None else None
+    precise = compute_dtype_for(model)
     checkpoint = BlockCheckpoint(ctx.checkpoint, ctx.fingerprint) if ctx is not None and ctx.checkpoint is not None else None
     start, infos = 0, []
     if checkpoint is not None and ctx is not None and ctx.resume:
@@ -101,13 +112,17 @@ def run_layerwise(
         infos = checkpoint.restore(blocks, start)
     if start == len(blocks):
         return infos
-    inputs = capture_first_block_inputs(model, windows, batch_size)
+    inputs = capture_first_block_inputs(model, windows, batch_size, device, precise)
     for index in range(start):  # the restored blocks recreate the inputs of block `start` exactly
-        inputs = inputs.replace_hidden(inputs.run(blocks[index]))
+        with onloaded(blocks[index], device, precise):
+            inputs = inputs.replace_hidden(inputs.run(blocks[index]))
     for index in track(ctx, range(start, len(blocks)), "blocks", len(blocks) - start):
         block = blocks[index]
-        infos.append(process_block(index, block, inputs) or {})
-        inputs = inputs.replace_hidden(inputs.run(block))
+        with onloaded(block, device, precise):
+            infos.append(process_block(index, block, inputs) or {})
+            if device is not None:
+                block.to(device)  # layers the method swapped in were built on the host
+            inputs = inputs.replace_hidden(inputs.run(block))
         if checkpoint is not None:
             checkpoint.save(index, block, infos[-1])
         if after_block is not None:
@@ -123,11 +138,16 @@ def run_on_targets(
     ctx: StepContext | None = None,
 ) -> list[dict[str, Any]]:
     """`run_layerwise` for methods that replace chosen layers: `process(index, block, inputs, layers)`
-    gets the `selected` layers inside that block, by full name; a block holding none is only run."""
+    gets the `selected` layers inside that block, by full name; a block holding none is only run.
+    A layer the method swaps for another (a quantized layer) is replaced in `selected` too, so the
+    original's weight is freed with its block instead of at the end of the run."""
 
     def per_block(index: int, block: nn.Module, inputs: BlockInputs) -> dict[str, Any]:
         layers = block_targets(model, block, selected)
-        return process(index, block, inputs, layers) if layers else {}
+        info = process(index, block, inputs, layers) if layers else {}
+        for name in layers:
+            selected[name] = model.get_submodule(name)
+        return info
 
     return run_layerwise(model, windows, per_block, ctx)
 
@@ -137,14 +157,21 @@ def observe_linears(
 ) -> None:
     """Run `block` on `inputs`, calling `on_input(name, x)` with each target layer's input (tokens, in)."""
     handles = []
+    last: list[torch.Tensor] = []  # [raw input, its fp32 rows]: layers fed the same tensor get the same rows
+
+    def hook(_m: nn.Module, args: tuple, _name: str) -> None:
+        x = args[0]
+        if not (last and last[0] is x):
+            # a bf16/fp16 input is upcast once, so collectors still see q/k/v share one tensor
+            last[:] = [x, x.reshape(-1, x.shape[-1]).float()]
+        on_input(_name, last[1])
+
     for name, layer in layers.items():
-        def hook(_m: nn.Module, args: tuple, _name: str = name) -> None:
-            x = args[0]
-            on_input(_name, x.reshape(-1, x.shape[-1]).float())
-        handles.append(layer.register_forward_pre_hook(hook))
+        handles.append(layer.register_forward_pre_hook(lambda m, a, _name=name: hook(m, a, _name)))
     try:
         inputs.run(block)
     finally:
+        last.clear()
         for h in handles:
             h.remove()
 

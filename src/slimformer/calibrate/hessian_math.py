@@ -27,7 +27,7 @@ def inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:
     h = h.double().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     mean_diag = torch.diag(h).mean()
     for factor in (1.0, 10.0, 100.0):
         try:

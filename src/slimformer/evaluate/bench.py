@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from slimformer.errors import UserError
+from slimformer.models.placement import check_runs_on, model_dtype, resolve_device, resolve_dtype
 from slimformer.evaluate.latency import time_calls, torch_threads
 
 RUNTIMES = ("torch", "onnxruntime")
@@ -38,6 +39,8 @@ class BenchSettings:
     runs: int = 20
     warmup: int = 3
     prefill: int = 512  # decoders: prefill length and the decode context; 0 skips both
+    device: str = "auto"  # torch runtime: where the model runs (auto: a GPU when torch sees one)
+    dtype: str = "auto"  # torch runtime: the dtype a Hugging Face folder loads in (onnxruntime: float32)
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -49,6 +52,8 @@ class BenchSettings:
             raise UserError(f"--threads must be a positive integer, got {self.threads}.")
         if self.warmup < 0 or self.prefill < 0:
             raise UserError(f"--warmup and --prefill must be >= 0, got {self.warmup} and {self.prefill}.")
+        resolve_device(self.device)  # an unknown device or a missing GPU fails before any model is read
+        resolve_dtype(self.dtype)
 
 
 def latency_stats(times_ms: list[float], tokens: int) -> dict[str, float]:
@@ -77,6 +82,8 @@ def _ids(vocab: int, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
 def bench_forward(target: Target, s: BenchSettings) -> dict[str, float]:
     """One forward pass of s.batch x s.seq tokens (no cache)."""
     ids = _ids(target.vocab, s.batch, s.seq)
+    if target.runtime == "torch":
+        ids = ids.to(next(target.model.parameters()).device)
     mask = torch.ones_like(ids)
     kwargs = {"use_cache": False} if target.runtime == "torch" and target.kind == "decoder" else {}
     return latency_stats(time_calls(lambda: target.model(input_ids=ids, attention_mask=mask, **kwargs),
@@ -85,10 +92,11 @@ def bench_forward(target: Target, s: BenchSettings) -> dict[str, float]:
 
 def bench_torch_decoding(model: nn.Module, vocab: int, s: BenchSettings) -> dict[str, Any]:
     """Prefill 1 x s.prefill tokens into a DynamicCache; then one-token steps on that cache."""
-    ids = _ids(vocab, 1, s.prefill)
+    device = next(model.parameters()).device
+    ids = _ids(vocab, 1, s.prefill).to(device)
     prefill = latency_stats(time_calls(lambda: model(input_ids=ids, use_cache=True), s.runs, s.warmup), s.prefill)
     cache = model(input_ids=ids, use_cache=True).past_key_values
-    steps = _ids(vocab, 1, s.warmup + s.runs, seed=1)
+    steps = _ids(vocab, 1, s.warmup + s.runs, seed=1).to(device)
     position = iter(range(s.warmup + s.runs))
     decode = latency_stats(time_calls(
         lambda: model(input_ids=steps[:, next(position)].view(1, 1), past_key_values=cache, use_cache=True),
@@ -151,11 +159,13 @@ def open_target(spec: str, s: BenchSettings, workdir: Path, index: int = 0) -> T
         if not isinstance(vocab, int):
             raise UserError(f"'{spec}': the logits' vocabulary axis is not fixed in the file; re-export it.")
         return Target(spec, "onnxruntime", model.kind, model, vocab, path.stat().st_size)
-    bundle = load_bundle(spec, tokenizer=False)
+    bundle = load_bundle(spec, tokenizer=False, dtype=s.dtype if s.runtime == "torch" else "float32")
     vocab = int(bundle.model.config.vocab_size)
     size = folder_bytes(bundle.folder) if bundle.folder is not None else None
     if s.runtime == "torch":
-        return Target(spec, "torch", bundle.kind, bundle.model, vocab, size)
+        device = resolve_device(s.device)
+        check_runs_on(model_dtype(bundle.model), device)
+        return Target(spec, "torch", bundle.kind, bundle.model.to(device), vocab, size)
     onnx_path = workdir / f"model{index}.onnx"
     info = export_onnx(bundle.model, bundle.kind, onnx_path, kv_cache=bundle.kind == "decoder")
     return Target(spec, "onnxruntime", bundle.kind, OrtModel(onnx_path, bundle.kind, threads=s.threads), vocab,

@@ -15,12 +15,15 @@ from torch import nn
 def time_calls(fn: Callable[[], Any], runs: int, warmup: int) -> list[float]:
     """Milliseconds of each of `runs` calls of `fn` after `warmup` untimed ones: the one timer every
     latency figure (torch, onnxruntime, llama.cpp) comes from."""
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)  # GPU work is asynchronous
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(runs):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append((time.perf_counter() - start) * 1e3)
     return times
 
@@ -45,6 +48,7 @@ def measure_latency(
     """Median/min/max milliseconds of one forward pass on fixed random token ids (batch x seq)."""
     with torch_threads(threads) as threads:
         ids = torch.randint(0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+        ids = ids.to(_where(model))
         mask = torch.ones_like(ids)
         extra = {"use_cache": False} if _takes_cache(model) else {}
         times = time_calls(lambda: model(input_ids=ids, attention_mask=mask, **extra), runs, warmup)
@@ -52,6 +56,12 @@ def measure_latency(
         "latency_ms": statistics.median(times), "latency_min_ms": min(times), "latency_max_ms": max(times),
         "latency_batch": batch, "latency_seq": seq, "latency_threads": threads, "latency_runs": runs,
     }
+
+
+def _where(model: Any) -> torch.device:
+    """The device a torch model's inputs go to (an onnxruntime session takes host tensors)."""
+    params = model.parameters() if isinstance(model, nn.Module) else iter(())
+    return next(params, torch.empty(0)).device
 
 
 def _takes_cache(model: nn.Module) -> bool:
@@ -68,8 +78,8 @@ def measure_decode(model: nn.Module, vocab_size: int, *, context: int = 512, run
         return {}
     with torch_threads(threads):
         gen = torch.Generator().manual_seed(0)
-        prompt = torch.randint(0, vocab_size, (1, context), generator=gen)
-        tokens = iter(torch.randint(0, vocab_size, (1, warmup + runs), generator=gen).split(1, dim=1))
+        prompt = torch.randint(0, vocab_size, (1, context), generator=gen).to(_where(model))
+        tokens = iter(torch.randint(0, vocab_size, (1, warmup + runs), generator=gen).to(_where(model)).split(1, dim=1))
         step = _ort_stepper(model, prompt) if hasattr(model, "step") else _torch_stepper(model, prompt)
         times = time_calls(lambda: step(next(tokens)), runs, warmup)
     return {"decode_ms": statistics.median(times), "decode_min_ms": min(times), "decode_max_ms": max(times),

@@ -4,7 +4,6 @@ and `evaluate` both call `measure`."""
 from __future__ import annotations
 
 import random
-import resource
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +20,7 @@ from slimformer.evaluate.perplexity import perplexity
 from slimformer.evaluate.size import count_params
 from slimformer.layers import emulate_int_mm
 from slimformer.models.loading import ModelBundle
+from slimformer.models.placement import onloaded, peak_memory
 
 DEFAULT_EVAL = {"decoder": "lee-news", "encoder": "tweets"}
 DEFAULT_CALIB = {"decoder": "lee-news", "encoder": "tweets"}
@@ -43,6 +43,7 @@ class EvalSettings:
     distribution: bool = False  # compress: per-layer weight/activation stats of both models + distribution.png
     distribution_windows: int = 2  # evaluation windows (encoders: 32 texts each) for those stats
     step_metrics: bool = True  # compress, recipes of 2+ steps: measure the model after every step too
+    device: Any = None  # torch.device the model is measured on (None: where it is)
 
     def __post_init__(self) -> None:
         if self.distribution_windows < 1:
@@ -85,7 +86,13 @@ def _probe_splits(spec: str, data: TextData) -> tuple[TextData | None, TextData 
 
 
 def measure(bundle: ModelBundle, data: EvalData, settings: EvalSettings) -> dict[str, Any]:
-    """Quality, size and speed metrics of one model on prepared data."""
+    """Quality, size and speed metrics of one model on prepared data (on `settings.device`: the
+    model moves there for the measurement and back)."""
+    with onloaded(bundle.model, settings.device):
+        return _measure(bundle, data, settings)
+
+
+def _measure(bundle: ModelBundle, data: EvalData, settings: EvalSettings) -> dict[str, Any]:
     start = time.perf_counter()
     model = bundle.model.eval()
     metrics: dict[str, Any] = {**count_params(model)}
@@ -124,5 +131,5 @@ def _encoder_quality(bundle: ModelBundle, data: EvalData, settings: EvalSettings
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident memory of this process so far, in bytes."""
+    return int(peak_memory()["peak_rss_bytes"])

@@ -44,7 +44,7 @@ def export(
         return export_gguf_file(model, output, overwrite=overwrite, unquantized=unquantized, threads=threads)
     source = model.folder if isinstance(model, ModelBundle) else resolve_folder(model)
     out = check_file_output(output, protected=protected_paths(source), overwrite=overwrite)
-    bundle = load_bundle(model) if not isinstance(model, ModelBundle) else model
+    bundle = load_bundle(model, dtype="float32") if not isinstance(model, ModelBundle) else model
     with atomic_file(out) as tmp:  # renamed once the parity check passed
         info, _ = export_checked(bundle, tmp, kv_cache=kv_cache, int4_compute=int4_compute, threads=threads)
     return {"model": bundle.name, "kind": bundle.kind, **info, "path": str(out)}
@@ -61,7 +61,7 @@ def export_gguf_file(model: str | Path | ModelBundle, output: str | Path, *, ove
 
     source = model.folder if isinstance(model, ModelBundle) else resolve_folder(model)
     out = check_file_output(output, protected=protected_paths(source), overwrite=overwrite)
-    bundle = load_bundle(model) if not isinstance(model, ModelBundle) else model
+    bundle = load_bundle(model, dtype="float32") if not isinstance(model, ModelBundle) else model
     if bundle.kind != "decoder" or bundle.tokenizer is None:
         raise UserError(f"GGUF export needs a decoder with its tokenizer; '{bundle.name}' is an {bundle.kind}"
                         f"{'' if bundle.tokenizer is not None else ' without a tokenizer'}.")
@@ -102,7 +102,7 @@ def save_hf(
     else:
         source = model.folder if isinstance(model, ModelBundle) else resolve_folder(model)
         check_folder_output(output, protected=protected_paths(source), overwrite=overwrite)
-        bundle = load_bundle(model) if not isinstance(model, ModelBundle) else model
+        bundle = load_bundle(model, dtype="float32") if not isinstance(model, ModelBundle) else model
     info = save_hf_folder(bundle.model, bundle.tokenizer, Path(output), dtype=dtype, overwrite=overwrite)
     if bundle.tokenizer is not None:
         ids, mask = parity_inputs(bundle)
@@ -119,7 +119,7 @@ def save_compressed(model: str | Path | ModelBundle, output: str | Path, *, over
 
     source = model.folder if isinstance(model, ModelBundle) else resolve_folder(model)
     out = check_folder_output(output, protected=protected_paths(source), overwrite=overwrite)
-    bundle = load_bundle(model) if not isinstance(model, ModelBundle) else model
+    bundle = load_bundle(model, dtype="float32") if not isinstance(model, ModelBundle) else model
     return {"model": bundle.name, "kind": bundle.kind,
             **save_compressed_tensors(bundle.model, bundle.tokenizer, out, overwrite=overwrite)}
 

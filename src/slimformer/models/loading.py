@@ -12,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from slimformer.errors import UserError
+from slimformer.models.placement import resolve_dtype
 from slimformer.models.zoo import MODEL_ALIASES, resolve_alias
 
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "albert", "deberta", "deberta-v2", "camembert"}
@@ -56,9 +57,11 @@ def resolve_folder(spec: str | Path) -> Path:
     return path
 
 
-def load_bundle(spec: str | Path, *, tokenizer: bool = True) -> ModelBundle:
-    """Load an alias, a Hugging Face folder, or a slimformer artifact folder, in fp32 eval mode.
+def load_bundle(spec: str | Path, *, tokenizer: bool = True, dtype: str | torch.dtype | None = "auto") -> ModelBundle:
+    """Load an alias, a Hugging Face folder, or a slimformer artifact folder, in eval mode on the CPU.
 
+    A Hugging Face folder loads in `dtype`: `auto` (default) is the checkpoint's own (its config's
+    `dtype`), so a bf16 checkpoint takes half the memory of fp32; an artifact loads as it was saved.
     The folder is data, never code: custom code it names is refused, never imported. With
     tokenizer=False the folder needs no tokenizer files (the bundle's tokenizer is None).
     """
@@ -79,7 +82,7 @@ def load_bundle(spec: str | Path, *, tokenizer: bool = True) -> ModelBundle:
     kind = model_kind(config)
     loader = AutoModelForCausalLM if kind == "decoder" else AutoModel
     try:
-        model, info = loader.from_pretrained(folder, config=config, dtype=torch.float32, local_files_only=True,
+        model, info = loader.from_pretrained(folder, config=config, dtype=resolve_dtype(dtype, config), local_files_only=True,
                                              trust_remote_code=False, use_safetensors=True, output_loading_info=True)
     except (ValueError, OSError, SafetensorError) as exc:
         raise UserError(f"model folder '{folder}': weights could not be loaded: {exc}") from None

@@ -98,13 +98,13 @@ def _prune(model: nn.Module, config: GradientConfig, ctx: StepContext | None) ->
     return {**summary(weights, per_layer), "calib_windows": int(windows.shape[0])}
 
 
-@register("gradient", GradientConfig, stage="prune")
+@register("gradient", GradientConfig, stage="prune", placement="model")
 def gradient(model: nn.Module, config: GradientConfig, ctx: StepContext | None = None) -> dict[str, Any]:
     """Prune the weights with the smallest mean |dL/dw| over the calibration windows."""
     return _prune(model, config, ctx)
 
 
-@register("taylor", TaylorConfig, stage="prune")
+@register("taylor", TaylorConfig, stage="prune", placement="model")
 def taylor(model: nn.Module, config: TaylorConfig, ctx: StepContext | None = None) -> dict[str, Any]:
     """Prune the weights with the smallest mean |w * dL/dw| over the calibration windows."""
     return _prune(model, config, ctx)

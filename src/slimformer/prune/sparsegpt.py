@@ -51,7 +51,7 @@ class SparseGPTConfig(AllocatedConfig):
             check_scheme(self.bits, self.group_size, "sparsegpt")
 
 
-@register("sparsegpt", SparseGPTConfig, stage="prune")
+@register("sparsegpt", SparseGPTConfig, stage="prune", placement="blocks")
 @torch.no_grad()
 def sparsegpt(model: nn.Module, config: SparseGPTConfig, ctx: StepContext | None = None) -> dict[str, Any]:
     """Prune (and optionally quantize) the target layers block by block against their input Hessians."""
@@ -79,9 +79,9 @@ def sparsegpt(model: nn.Module, config: SparseGPTConfig, ctx: StepContext | None
             zeros[name] = int((~res.keep).sum())
         return {"block": index, "zeros": zeros}
 
+    sizes = {name: m.weight.numel() for name, m in selected.items()}
     infos = run_on_targets(model, selected, windows, process, ctx)
     zeros = {name: z for info in infos for name, z in info.get("zeros", {}).items()}
-    sizes = {name: m.weight.numel() for name, m in selected.items()}
     info = {"layers": len(selected), "sparsity": sum(zeros.values()) / sum(sizes.values()),
             "layer_sparsity": {name: round(z / sizes[name], 6) for name, z in zeros.items()},
             "calib_windows": int(windows.shape[0]), **owl}

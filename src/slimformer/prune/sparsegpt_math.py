@@ -64,7 +64,7 @@ def sparsegpt_prune(
     size = _block_size(block_size, m, group_size if bits is not None else None)
 
     wt = w.t().contiguous()  # (in, out): column j of W is row j here, contiguous
-    prune_t = torch.zeros(in_f, out_f, dtype=torch.bool)
+    prune_t = torch.zeros(in_f, out_f, dtype=torch.bool, device=w.device)
     quant = _Quantizer(w, bits, group_size, symmetric) if bits is not None else None
     for i1 in range(0, in_f, size):
         i2 = min(i1 + size, in_f)
@@ -112,7 +112,7 @@ class _Quantizer:
         ng = n_groups(in_f, group_size)
         self.scale = qp.scale.float().expand(out_f, ng).t().contiguous()  # (n_groups, out)
         self.zero = qp.zero.float().expand(out_f, ng).t().contiguous()
-        self.codes_t = torch.zeros(in_f, out_f)
+        self.codes_t = torch.zeros(in_f, out_f, device=w.device)
 
     def column(self, col: int, q: Tensor, rest: Tensor, pruned: Tensor) -> Tensor:
         """Quantize column `col` (out,) (pruned entries already 0); `rest`/`pruned` (b, out) are the

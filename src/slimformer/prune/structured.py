@@ -141,7 +141,7 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@register("heads", HeadsConfig, stage="prune")
+@register("heads", HeadsConfig, stage="prune", placement="model")
 def heads(model: nn.Module, config: HeadsConfig, ctx: StepContext | None = None) -> dict[str, Any]:
     """Remove the least important attention heads (q/k/v rows and o columns) in place."""
     parts = block_parts(model, "heads")
@@ -166,7 +166,7 @@ def heads(model: nn.Module, config: HeadsConfig, ctx: StepContext | None = None)
     }
 
 
-@register("neurons", NeuronsConfig, stage="prune")
+@register("neurons", NeuronsConfig, stage="prune", placement="model")
 def neurons(model: nn.Module, config: NeuronsConfig, ctx: StepContext | None = None) -> dict[str, Any]:
     """Remove the least important FFN intermediate neurons (input rows, output columns) in place."""
     parts = block_parts(model, "neurons")
@@ -187,7 +187,7 @@ def neurons(model: nn.Module, config: NeuronsConfig, ctx: StepContext | None = N
     }
 
 
-@register("layers", LayersConfig, stage="prune")
+@register("layers", LayersConfig, stage="prune", placement="model")
 def layers(model: nn.Module, config: LayersConfig, ctx: StepContext | None = None) -> dict[str, Any]:
     """Remove the least important whole blocks in place (ShortGPT-style), renumbering the rest."""
     _, blocks = find_blocks(model)

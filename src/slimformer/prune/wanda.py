@@ -32,7 +32,7 @@ class WandaConfig(AllocatedConfig):
         self.check_allocation("wanda")
 
 
-@register("wanda", WandaConfig, stage="prune")
+@register("wanda", WandaConfig, stage="prune", placement="blocks")
 @torch.no_grad()
 def wanda(model: nn.Module, config: WandaConfig, ctx: StepContext | None = None) -> dict[str, Any]:
     """Prune the target layers block by block by Wanda scores; return per-layer sparsity."""

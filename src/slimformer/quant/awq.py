@@ -70,7 +70,7 @@ class _ActivationStats(HessianCollector):
 
     def add(self, name: str, x: torch.Tensor) -> None:
         super().add(name, x)
-        total, n = self.abs_sum.get(name, (torch.zeros(x.shape[1]), 0))
+        total, n = self.abs_sum.get(name, (torch.zeros(x.shape[1], device=x.device), 0))
         self.abs_sum[name] = (total + x.float().abs().sum(0), n + x.shape[0])
 
     def mean_abs(self, name: str) -> torch.Tensor:
@@ -78,7 +78,7 @@ class _ActivationStats(HessianCollector):
         return total / n
 
 
-@register("awq", AWQConfig, stage="quant")
+@register("awq", AWQConfig, stage="quant", placement="blocks")
 @torch.no_grad()
 def awq(model: nn.Module, config: AWQConfig, ctx: StepContext | None = None) -> dict[str, Any]:
     """Quantize the target layers with searched per-channel scales, block by block.

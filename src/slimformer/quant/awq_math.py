@@ -34,8 +34,8 @@ def weight_mean(w: Tensor, group_size: int) -> Tensor:
     if group_size <= 0:
         peak = a.amax(dim=1, keepdim=True)
     else:  # groups along the input dimension, the last one possibly smaller
-        group = (torch.arange(in_f) // group_size).expand(out_f, in_f)
-        gmax = torch.zeros(out_f, int(group[0, -1]) + 1).scatter_reduce_(1, group, a, "amax")
+        group = (torch.arange(in_f, device=a.device) // group_size).expand(out_f, in_f)
+        gmax = torch.zeros(out_f, int(group[0, -1]) + 1, device=a.device).scatter_reduce_(1, group, a, "amax")
         peak = gmax.gather(1, group)
     return (a / peak.clamp(min=1e-12)).mean(dim=0)
 
@@ -110,8 +110,8 @@ def clip_search(
     gs = in_f if group_size == -1 else group_size
     blocks = diagonal_blocks(h, gs)  # (G, gs, gs)
     n_groups, pad = blocks.shape[0], blocks.shape[0] * gs - in_f
-    best = torch.ones(out_f, n_groups)
-    best_err = torch.full((out_f, n_groups), math.inf)
+    best = torch.ones(out_f, n_groups, device=w.device)
+    best_err = torch.full((out_f, n_groups), math.inf, device=w.device)
     for k in range(int(grid * max_shrink) + 1):
         ratio = 1.0 - k / grid
         qp = compute_qparams(w, bits, group_size, symmetric, clip=ratio, scale_rule=scale_rule, zero_point=zero_point)

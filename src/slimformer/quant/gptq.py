@@ -54,7 +54,7 @@ class GPTQConfig(TargetedConfig):
                             "group_size > 0 and act_order: false.")
 
 
-@register("gptq", GPTQConfig, stage="quant")
+@register("gptq", GPTQConfig, stage="quant", placement="blocks")
 @torch.no_grad()
 def gptq(model: nn.Module, config: GPTQConfig, ctx: StepContext | None = None) -> dict[str, Any]:
     """Quantize the target layers block by block, each against the Hessian of its real inputs."""

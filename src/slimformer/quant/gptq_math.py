@@ -67,13 +67,13 @@ def gptq_quantize(
 
     if group_size > 0:  # whole groups per block, so a group's columns are all updated when it starts
         block_size = group_size * max(1, block_size // group_size)
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f)
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f, device=w.device)
     hinv = inverse_hessian_factor(h[perm][:, perm], damp)
     diag = torch.diag(h).float()  # the importance of each input column, for scale_search
-    group_of = (perm // group_size) if group_size > 0 else torch.zeros(in_f, dtype=torch.long)
+    group_of = (perm // group_size) if group_size > 0 else torch.zeros(in_f, dtype=torch.long, device=w.device)
     # Work on W^T (in, out) so that each column of W is a contiguous row.
     wt = w[:, perm].t().contiguous()
-    codes_t = torch.zeros(in_f, out_f)
+    codes_t = torch.zeros(in_f, out_f, device=w.device)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         w1 = wt[i1:i2].clone()  # (b, out)

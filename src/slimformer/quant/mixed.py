@@ -113,7 +113,7 @@ def _measured(model: nn.Module, layers: dict[str, nn.Module], windows: torch.Ten
     return scores
 
 
-@register("mixed", MixedConfig, stage="quant")
+@register("mixed", MixedConfig, stage="quant", placement="model")
 def mixed(model: nn.Module, config: MixedConfig, ctx: StepContext | None = None) -> dict[str, Any]:
     """Score every target layer at every bit width, allocate bits under the budget, quantize (RTN)."""
     layers = select_linears(model, config.targets, config.ignore)

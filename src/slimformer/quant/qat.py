@@ -144,7 +144,7 @@ def pruned_masks(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     return masks
 
 
-@register("qat", QATConfig, stage="quant")
+@register("qat", QATConfig, stage="quant", placement="model")
 def qat(model: nn.Module, config: QATConfig, ctx: StepContext | None = None) -> dict[str, Any]:
     """Quantization-aware training of the target layers (in place): PTQ init (RTN or GPTQ),
     distillation from the uncompressed model (`ctx.teacher`, else a copy of `model` as it is now),

@@ -180,13 +180,17 @@ class QuantLinear(nn.Module):
         if self.dynamic:
             return self._int8_forward(x)
         if self.act_bits is None:
-            return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+            return F.linear(x, self.dequantized_weight().to(x.dtype), self._bias(x))
         if self.input_scale is not None:  # SmoothQuant: x / s must be what gets quantized
             x = x / self.input_scale.to(x.dtype)
         if self.int8_static:
             return self._int8_forward(x)
         xq = fake_quant_static(x, self.act_scale.to(x.dtype), self.act_zero, self.act_bits, self.act_symmetric)
-        return F.linear(xq, dequantize(self.codes, self.qparams()).to(x.dtype), self.bias)
+        return F.linear(xq, dequantize(self.codes, self.qparams()).to(x.dtype), self._bias(x))
+
+    def _bias(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The fp32 bias in the input's dtype (a bf16/fp16 model computes in its own dtype)."""
+        return None if self.bias is None else self.bias.to(x.dtype)
 
     def __getstate__(self) -> dict:
         # the kernel caches are derived from the buffers (and the packed one cannot be copied)

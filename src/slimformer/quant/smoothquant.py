@@ -36,7 +36,7 @@ class SmoothQuantConfig(StaticConfig):
             raise UserError(f"smoothquant: {exc}") from None
 
 
-@register("smoothquant", SmoothQuantConfig, stage="quant")
+@register("smoothquant", SmoothQuantConfig, stage="quant", placement="blocks")
 @torch.no_grad()
 def smoothquant(model: nn.Module, config: SmoothQuantConfig, ctx: StepContext | None = None) -> dict[str, Any]:
     """Smooth and quantize the target layers block by block.

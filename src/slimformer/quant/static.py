@@ -92,7 +92,7 @@ def clip_ratio(observer: Any, act_range: tuple[float, float]) -> float:
     return max(-act_range[0], act_range[1]) / peak if peak > 0 else 1.0
 
 
-@register("static", StaticConfig, stage="quant")
+@register("static", StaticConfig, stage="quant", placement="blocks")
 @torch.no_grad()
 def static(model: nn.Module, config: StaticConfig, ctx: StepContext | None = None) -> dict[str, Any]:
     """Quantize the target layers' weights and (static, per tensor) inputs block by block."""

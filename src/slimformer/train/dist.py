@@ -36,8 +36,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def device() -> torch.device:
-    """This rank's device: its local CUDA device when CUDA is present, else the CPU."""
+def device(preferred: torch.device | None = None) -> torch.device:
+    """This rank's device: the CPU when `preferred` is the CPU, else its local CUDA device when CUDA
+    is present (under torchrun, GPU LOCAL_RANK), else the CPU."""
+    if preferred is not None and preferred.type == "cpu":
+        return preferred
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")

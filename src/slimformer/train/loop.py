@@ -28,14 +28,16 @@ from slimformer.train.task import TrainConfig, TrainModule, TrainState, TrainTas
 
 
 def train(model: nn.Module, task: TrainTask, data: TrainData, options: TrainConfig, *,
-          checkpoint: Path | None = None, resume: bool = False, progress: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+          checkpoint: Path | None = None, resume: bool = False, progress: bool = False,
+          device: torch.device | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Train `model` with `task` on `data` for `options.steps` steps; returns (model, info).
+    `device`: where to train (None: this rank's GPU when there is one, else the CPU).
 
     Under torchrun, every rank calls this with the same arguments; rank 0 alone writes checkpoints
     (FSDP: gathered into full, unsharded weights and optimizer state first)."""
     distributed = dist.init_distributed()
     rank, world = dist.rank(), dist.world_size()
-    dev = dist.device()
+    dev = dist.device(device)
     if resume and checkpoint is None:
         raise UserError("resume needs a checkpoint folder (an --output folder for the recipe).")
     model = task.prepare(model)

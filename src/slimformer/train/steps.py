@@ -47,7 +47,8 @@ def _supervised(model: nn.Module, data: TrainData, ctx: StepContext) -> Supervis
 def _run(model: nn.Module, task: TrainTask, data: TrainData, options: TrainConfig, ctx: StepContext) -> dict[str, Any]:
     if ctx.checkpoint is not None and options.checkpoint_every:
         claim(ctx.checkpoint, ctx.fingerprint)
-    trained, info = train(model, task, data, options, checkpoint=ctx.checkpoint, resume=ctx.resume, progress=ctx.progress)
+    trained, info = train(model, task, data, options, checkpoint=ctx.checkpoint, resume=ctx.resume, progress=ctx.progress,
+                          device=ctx.device)
     if trained is not model:  # e.g. after FSDP: copy the gathered weights into the recipe's model
         model.load_state_dict(trained.state_dict())
     return info
@@ -58,7 +59,7 @@ class FinetuneConfig(TrainConfig):
     """Plain recovery training (next-token or task loss); pruned weights stay zero."""
 
 
-@register("finetune", FinetuneConfig, stage="train")
+@register("finetune", FinetuneConfig, stage="train", placement="model")
 def finetune(model: nn.Module, config: FinetuneConfig, ctx: StepContext) -> dict[str, Any]:
     """Fine-tune `model` in place on the step's data; returns the training info."""
     data = recipe_data(ctx, config)
@@ -90,7 +91,7 @@ class DistillConfig(TrainConfig):
             check_student(self.student)  # indices are checked against the model when the step runs
 
 
-@register("distill", DistillConfig, stage="train")
+@register("distill", DistillConfig, stage="train", placement="model")
 def distill(model: nn.Module, config: DistillConfig, ctx: StepContext) -> dict[str, Any]:
     """Distil `model` (in place; first shrunk to `student` blocks if given) from the teacher."""
     from slimformer.models.layout import find_blocks
@@ -171,7 +172,7 @@ class _Gradual(SupervisedTask):
             self._prune(model, state.masks, s)
 
 
-@register("gradual", GradualConfig, stage="train")
+@register("gradual", GradualConfig, stage="train", placement="model")
 def gradual(model: nn.Module, config: GradualConfig, ctx: StepContext) -> dict[str, Any]:
     """Prune the target layers gradually to `sparsity` while fine-tuning (in place)."""
     targets = list(select_linears(model, config.targets, config.ignore))
@@ -211,7 +212,7 @@ class _Proximal(SupervisedTask):
             soft_threshold(model.get_submodule(n).weight, state.lr * self.config.l1)
 
 
-@register("l1", L1Config, stage="train")
+@register("l1", L1Config, stage="train", placement="model")
 def l1(model: nn.Module, config: L1Config, ctx: StepContext) -> dict[str, Any]:
     """L1 proximal training of the target layers, then a magnitude prune to `sparsity` (in place)."""
     targets = list(select_linears(model, config.targets, config.ignore))
