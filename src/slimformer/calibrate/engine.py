@@ -20,7 +20,7 @@ from slimformer.checkpoint import BlockCheckpoint
 from slimformer.context import StepContext, track
 from slimformer.errors import UserError
 from slimformer.models.layout import find_blocks
-from slimformer.models.placement import compute_dtype_for, onloaded, to_device
+from slimformer.models.placement import compute_dtype_for, onloaded, release_host_memory, to_device
 
 
 class _Captured(Exception):
@@ -123,6 +123,7 @@ def run_layerwise(
             if device is not None:
                 block.to(device)  # layers the method swapped in were built on the host
             inputs = inputs.replace_hidden(inputs.run(block))
+        release_host_memory()
         if checkpoint is not None:
             checkpoint.save(index, block, infos[-1])
         if after_block is not None:

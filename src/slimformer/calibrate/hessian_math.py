@@ -23,18 +23,29 @@ def accumulate_hessian(
 
 
 def inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1, retrying with more damping."""
-    h = h.double().clone()
+    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1, retrying with more damping.
+
+    In fp64, with at most three (in, in) matrices alive at a time (a 14336-wide input, Llama-3-8B's
+    down_proj, takes 1.6 GB per fp64 matrix)."""
     dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    mean_diag = torch.diag(h).mean()
     for factor in (1.0, 10.0, 100.0):
+        m = h.double()  # a fresh copy each try: the damping is added in place
+        m[dead, dead] = 1.0
+        diag = m.diagonal()
+        diag.add_(damp * factor * diag.mean())
         try:
-            chol = torch.linalg.cholesky(h + damp * factor * mean_diag * eye)
-            # H^-1 = L^-T L^-1 via a triangular solve (much faster here than cholesky_inverse)
-            chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
-            return torch.linalg.cholesky(chol_inv.t() @ chol_inv, upper=True).float()
+            chol = torch.linalg.cholesky(m)
+        except torch.linalg.LinAlgError:
+            continue
+        del m, diag
+        # H^-1 = L^-T L^-1 via a triangular solve (much faster here than cholesky_inverse)
+        eye = torch.eye(h.shape[0], dtype=chol.dtype, device=chol.device)
+        chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+        del chol, eye
+        inverse = chol_inv.t() @ chol_inv
+        del chol_inv
+        try:
+            return torch.linalg.cholesky(inverse, upper=True).float()
         except torch.linalg.LinAlgError:
             continue
     raise torch.linalg.LinAlgError("Hessian is not positive definite even with 100x damping")

@@ -87,8 +87,49 @@ def load_bundle(spec: str | Path, *, tokenizer: bool = True, dtype: str | torch.
     except (ValueError, OSError, SafetensorError) as exc:
         raise UserError(f"model folder '{folder}': weights could not be loaded: {exc}") from None
     _refuse_invented(folder, info)
+    read_into_memory(model, folder)
     model.eval()
     return ModelBundle(model, tokenizer, kind, str(spec), folder)
+
+
+def read_into_memory(model: nn.Module, folder: Path) -> int:
+    """Give every parameter stored in the folder's safetensors files its own memory, read with
+    plain file reads, one tensor at a time; returns the bytes read.
+
+    transformers leaves the weights memory-mapped from the files: resident pages of a mapping stay
+    counted (and kept) while any tensor of that file lives, so a method that replaces layers one
+    block at a time (GPTQ's codes) would hold the old weights' pages to the end. Once the weights
+    are private copies, a replaced layer's memory is freed with it; the load itself never holds
+    more than the model plus one tensor."""
+    params = {name: p for name, p in model.named_parameters(remove_duplicate=True)}
+    done = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        header, start = _safetensors_header(path)
+        with open(path, "rb", buffering=0) as f:
+            for name, entry in header.items():
+                p = params.get(name)
+                stored = _SAFETENSORS_DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
+                if p is None or stored is None or tuple(entry["shape"]) != tuple(p.shape):
+                    continue  # not a parameter under this name (a buffer, a renamed key): left as loaded
+                begin, end = entry["data_offsets"]
+                raw = torch.empty(end - begin, dtype=torch.uint8)
+                f.seek(start + begin)
+                f.readinto(memoryview(raw.numpy()))
+                p.data = raw.view(stored).reshape(p.shape).to(p.dtype)
+                done += end - begin
+    return done
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and the offset its data starts at."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
 
 
 def load_config(folder: Path) -> Any:

@@ -1,0 +1,185 @@
+"""Scale: GPTQ W4 g128 on decoders of growing size, loaded in their stored bf16 and calibrated one
+block at a time: wall time per block, peak RSS, bytes read, against the fp32 whole-model path and
+llm-compressor's sequential pipeline (issue 17; numbers in docs/scale.md).
+
+    python benchmarks/scale.py [--models smollm2-135m smollm2-360m ...] [--calib-windows 4]
+        [--fp32] [--peer] [--json out/scale.json]
+
+SmolLM2-135M is the real checkpoint (cast to bf16); the others are built from their published
+configs with random weights (`slimformer.models.synthetic`), written once as bf16 safetensors to
+--workdir. Each run is its own process, so its peak RSS is its own. Perplexity is not measured
+(random weights); the time and memory of the method are what scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5,
+         "max_position_embeddings": 8192, "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.02}
+SMOLLM = {**LLAMA, "vocab_size": 49152, "tie_word_embeddings": True, "rope_theta": 100000.0}
+LLAMA3 = {**LLAMA, "vocab_size": 128256, "rope_theta": 500000.0, "num_key_value_heads": 8, "head_dim": 128}
+# the published configs' shapes (HuggingFaceTB/SmolLM2-*, meta-llama/Llama-3.2-3B, Llama-3.1-8B)
+CONFIGS: dict[str, dict[str, Any]] = {
+    "smollm2-360m": {**SMOLLM, "hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+                     "num_attention_heads": 15, "num_key_value_heads": 5, "head_dim": 64},
+    "smollm2-1.7b": {**SMOLLM, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+                     "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 64, "rope_theta": 130000.0},
+    "llama3-3b": {**LLAMA3, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
+                  "num_attention_heads": 24, "tie_word_embeddings": True},
+    "llama3-8b": {**LLAMA3, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "tie_word_embeddings": False},
+}
+RECIPE = "steps: [{{method: gptq, bits: 4, group_size: 128, num_samples: {n}}}]"
+
+
+def model_folder(name: str, workdir: Path) -> Path:
+    """The bf16 folder for `name`, written once."""
+    from slimformer.models.loading import resolve_folder
+
+    folder = workdir / name
+    if (folder / "config.json").exists():
+        return folder
+    tokenizer = resolve_folder("smollm2-135m")  # SmolLM2's tokenizer also stands in for Llama 3's (ids < 49152)
+    tmp = workdir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if name == "smollm2-135m":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(tokenizer, dtype=torch.bfloat16).save_pretrained(tmp)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tokenizer / f, tmp / f)
+    else:
+        from slimformer.models.synthetic import write_random_decoder
+
+        write_random_decoder(CONFIGS[name], tmp, tokenizer_from=tokenizer)
+    tmp.rename(folder)
+    return folder
+
+
+def _io() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/self/io").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key] = int(value)
+    return out
+
+
+def worker(folder: Path, side: str, dtype: str, n: int) -> dict[str, Any]:
+    """One run in this process: ours (`slimformer`) or llm-compressor's oneshot (`llm-compressor`)."""
+    import torch
+
+    from slimformer.context import StepContext
+    from slimformer.data.sources import load_data
+    from slimformer.models.layout import find_blocks
+    from slimformer.models.loading import load_bundle
+    from slimformer.models.placement import peak_memory
+    from slimformer.recipe import Recipe
+
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    bundle = load_bundle(folder, dtype=dtype)
+    loaded = time.perf_counter() - start
+    ctx = StepContext(tokenizer=bundle.tokenizer, calib=load_data("lee-news", "calib"), progress=False)
+    blocks = len(find_blocks(bundle.model)[1])
+    params = sum(p.numel() for p in bundle.model.parameters())
+    t0 = time.perf_counter()
+    if side == "slimformer":
+        Recipe.coerce(RECIPE.format(n=n)).apply(bundle.model, ctx)
+    else:
+        from types import SimpleNamespace
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        from peer_llmcompressor import llmc_gptq
+
+        bench = SimpleNamespace(calib_windows=ctx.calibration_windows(n, 512, "gptq"), cache={})
+        llmc_gptq(128)(bundle.model, bench)
+    method_s = time.perf_counter() - t0
+    io = _io()
+    return {"side": side, "dtype": dtype, "params": params, "blocks": blocks, "load_s": round(loaded, 2),
+            "method_s": round(method_s, 2), "s_per_block": round(method_s / blocks, 3),
+            "read_bytes": io["read_bytes"], "rchar": io["rchar"], **peak_memory()}
+
+
+def run_one(folder: Path, side: str, dtype: str, n: int) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", str(folder), side, dtype, str(n)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"side": side, "dtype": dtype, "error": done.stderr.strip().splitlines()[-1][:300]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | side | dtype | params (M) | bf16 size (MB) | s / block | method (s) | peak RSS (MB) | "
+             "RSS / bf16 size | read (MB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['side']} | {r['dtype']} | | | | | | | {r['error']} |")
+            continue
+        bf16 = r["params"] * 2
+        lines.append(f"| {r['model']} | {r['side']} | {r['dtype']} | {r['params'] / 1e6:.0f} | {bf16 / 1e6:.0f} | "
+                     f"{r['s_per_block']:.2f} | {r['method_s']:.0f} | {r['peak_rss_bytes'] / 1e6:.0f} | "
+                     f"{r['peak_rss_bytes'] / bf16:.2f} | {r['read_bytes'] / 1e6:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for (side, dtype), marker in zip(sorted({(r["side"], r["dtype"]) for r in rows if "error" not in r}), "osd^"):
+        pts = sorted((r["params"] / 1e9, r) for r in rows if (r["side"], r["dtype"]) == (side, dtype) and "error" not in r)
+        xs = [x for x, _ in pts]
+        a.plot(xs, [r["s_per_block"] for _, r in pts], marker=marker, label=f"{side} {dtype}")
+        b.plot(xs, [r["peak_rss_bytes"] / 1e9 for _, r in pts], marker=marker, label=f"{side} {dtype}")
+    a.set(xlabel="parameters (B)", ylabel="GPTQ s / block", title="time per block")
+    b.set(xlabel="parameters (B)", ylabel="peak RSS (GB)", title="peak RSS")
+    a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(Path(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]))))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m", "smollm2-360m", "smollm2-1.7b"],
+                        choices=["smollm2-135m", *CONFIGS])
+    parser.add_argument("--calib-windows", type=int, default=4)
+    parser.add_argument("--fp32", action="store_true", help="also the fp32 whole-model path (--dtype float32)")
+    parser.add_argument("--peer", nargs="*", default=[], help="models to run llm-compressor's GPTQModifier on")
+    parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "slimformer" / "scale"))
+    parser.add_argument("--json", default="out/scale.json")
+    args = parser.parse_args()
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.models:
+        folder = model_folder(name, workdir)
+        plan = [("slimformer", "auto")] + ([("slimformer", "float32")] if args.fp32 else []) + \
+            ([("llm-compressor", "auto")] if name in args.peer else [])
+        for side, dtype in plan:
+            row = {"model": name, **run_one(folder, side, dtype, args.calib_windows)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    print("\n" + table(rows))
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"calib_windows": args.calib_windows, "rows": rows}, indent=2))
+    plot(rows, out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
