@@ -56,12 +56,13 @@ def test_gptq_on_bf16_matches_the_fp32_path(smollm_bundle: ModelBundle, bf16_fol
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", [
-    "steps: [{method: sparsegpt, sparsity: 0.5, num_samples: 8}]",
-    "steps: [{method: awq, bits: 4, group_size: 128, num_samples: 8}]",
-])
-def test_sparsegpt_and_awq_on_bf16_match_the_fp32_path(smollm_bundle: ModelBundle, bf16_folder: Path, recipe: str) -> None:
+@pytest.mark.parametrize(("recipe", "windows"), [
     # 24 windows: SparseGPT's 50% masks differ between runs of equal quality by ~1-2% on 8 windows
-    # (measured: 51.74 vs 51.25 on 8, 49.26 vs 49.29 on 24)
-    a, b = _ppl_pair(smollm_bundle, bf16_folder, recipe, 24)
+    # (measured: 50.39 vs 51.25 on 8, 49.26 vs 49.29 on 24)
+    ("steps: [{method: sparsegpt, sparsity: 0.5, num_samples: 8}]", 24),
+    ("steps: [{method: awq, bits: 4, group_size: 128, num_samples: 4}]", 8),
+])
+def test_sparsegpt_and_awq_on_bf16_match_the_fp32_path(smollm_bundle: ModelBundle, bf16_folder: Path, recipe: str,
+                                                        windows: int) -> None:
+    a, b = _ppl_pair(smollm_bundle, bf16_folder, recipe, windows)
     assert abs(b / a - 1) < 0.01, f"bf16 {b:.3f} vs fp32 {a:.3f}"
