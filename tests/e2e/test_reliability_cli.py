@@ -207,7 +207,12 @@ def test_damaged_block_checkpoint_under_resume_exit_2(tmp_path, tiny_dirs) -> No
         time.sleep(0.2)
     time.sleep(1.0)
     run.send_signal(signal.SIGINT)
-    _, err = run.communicate(timeout=60)
+    try:
+        _, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:  # not stopped by the interrupt: the failure must not leave it training
+            run.kill()
+            run.communicate()
     assert run.returncode == 130 and block.exists(), err
     weights = block.with_name("block_0.safetensors")
     weights.write_bytes(weights.read_bytes()[:-16])
