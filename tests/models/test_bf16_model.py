@@ -50,6 +50,7 @@ def _ppl_pair(smollm_bundle: ModelBundle, bf16_folder: Path, recipe: str, window
     return ppl_fp32, perplexity(bf16, eval_windows, progress=False)["ppl"]
 
 
+@pytest.mark.slow  # ~95 s: two GPTQ runs on SmolLM2 (the tiny-model version is in test_placement.py)
 def test_gptq_on_bf16_matches_the_fp32_path(smollm_bundle: ModelBundle, bf16_folder: Path) -> None:
     a, b = _ppl_pair(smollm_bundle, bf16_folder, "steps: [{method: gptq, bits: 4, group_size: 128, num_samples: 4}]", 8)
     assert abs(b / a - 1) < 0.01, f"bf16 {b:.3f} vs fp32 {a:.3f}"
