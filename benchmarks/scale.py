@@ -54,7 +54,8 @@ def model_folder(name: str, workdir: Path) -> Path:
         import torch
         from transformers import AutoModelForCausalLM
 
-        AutoModelForCausalLM.from_pretrained(tokenizer, dtype=torch.bfloat16).save_pretrained(tmp)
+        AutoModelForCausalLM.from_pretrained(tokenizer, dtype=torch.bfloat16, local_files_only=True,
+                                             trust_remote_code=False).save_pretrained(tmp)
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(tokenizer / f, tmp / f)
     else:
