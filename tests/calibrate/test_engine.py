@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from tiny import tiny_llama  # tests/tiny.py
 
-from slimformer.calibrate.engine import run_layerwise
+from slimformer.calibrate.engine import BlockInputs, capture_first_block_inputs, observe_linears, run_layerwise
+from slimformer.models.layout import find_blocks
 
 
 def test_engine_matches_full_forward() -> None:
@@ -26,3 +27,51 @@ def test_engine_matches_full_forward() -> None:
         out = model(input_ids=windows, output_hidden_states=True, use_cache=False)
     # hidden_states[-1] has the final norm applied; compare the pre-norm output through the norm
     assert torch.allclose(model.model.norm(final["hidden"]), out.hidden_states[-1], atol=1e-5)
+
+
+def _observed(block, layers, inputs) -> dict[str, list[torch.Tensor]]:
+    seen: dict[str, list[torch.Tensor]] = {}
+    observe_linears(block, layers, inputs, lambda name, x: seen.setdefault(name, []).append(x.clone()))
+    return seen
+
+
+def test_observe_stops_each_batch_after_the_last_target_and_sees_the_same_inputs() -> None:
+    """After the first batch, a dense block stops right after the last target's input: down_proj's
+    own forward runs once for 3 batches, and every layer still gets exactly the inputs it gets when
+    the block runs whole (hooks on a plain forward)."""
+    model = tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=2048)
+    inputs = capture_first_block_inputs(model, torch.randint(0, 64, (6, 16)), batch_size=2)
+    block = find_blocks(model)[1][0]
+    layers = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    whole: dict[str, list[torch.Tensor]] = {}
+    handles = [m.register_forward_pre_hook(lambda m, a, n=n: whole.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1]).clone()))
+               for n, m in layers.items()]
+    inputs.run(block)
+    for h in handles:
+        h.remove()
+    down_calls = []
+    handle = block.mlp.down_proj.register_forward_hook(lambda *_: down_calls.append(1))
+    seen = _observed(block, layers, inputs)
+    handle.remove()
+    assert len(down_calls) == 1
+    assert sorted(seen) == sorted(whole) and all(len(seen[n]) == 3 for n in seen)
+    assert all(torch.equal(a, b) for n in seen for a, b in zip(seen[n], whole[n]))
+
+
+def test_observe_runs_whole_blocks_when_a_layer_fires_more_than_once() -> None:
+    """A block calling a target twice per forward (as routed experts may vary) is never cut short."""
+
+    class Twice(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(self.a(x)))
+
+    block = Twice()
+    outputs = []
+    block.b.register_forward_hook(lambda *_: outputs.append(1))
+    inputs = BlockInputs([((torch.randn(2, 3, 4),), {}) for _ in range(3)])
+    seen = _observed(block, {"a": block.a, "b": block.b}, inputs)
+    assert len(outputs) == 3 and len(seen["a"]) == 6 and len(seen["b"]) == 3

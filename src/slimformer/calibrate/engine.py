@@ -153,12 +153,24 @@ def run_on_targets(
     return run_layerwise(model, windows, per_block, ctx)
 
 
+class _Observed(Exception):
+    """Raised once the block's last target layer has taken its input: the rest of the forward pass
+    feeds nothing a collector reads."""
+
+
 def observe_linears(
     block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs, on_input: Callable[[str, torch.Tensor], None]
 ) -> None:
-    """Run `block` on `inputs`, calling `on_input(name, x)` with each target layer's input (tokens, in)."""
+    """Run `block` on `inputs`, calling `on_input(name, x)` with each target layer's input (tokens, in).
+
+    The first batch runs whole. When every target took exactly one input there (a dense block), the
+    later batches stop right after the last of them: its own matmul and whatever follows it (a Llama
+    block's down_proj, a quarter of its weights) would only make outputs nobody reads. A block whose
+    layers fire a varying number of times (routed experts) runs whole every time."""
     handles = []
     last: list[torch.Tensor] = []  # [raw input, its fp32 rows]: layers fed the same tensor get the same rows
+    fired: list[str] = []  # the target layers that took an input in this batch, in order
+    stop_after: list[str] = []  # the name after whose input a batch may stop (set after batch 1)
 
     def hook(_m: nn.Module, args: tuple, _name: str) -> None:
         x = args[0]
@@ -166,11 +178,22 @@ def observe_linears(
             # a bf16/fp16 input is upcast once, so collectors still see q/k/v share one tensor
             last[:] = [x, x.reshape(-1, x.shape[-1]).float()]
         on_input(_name, last[1])
+        fired.append(_name)
+        if stop_after and _name == stop_after[0]:
+            raise _Observed
 
     for name, layer in layers.items():
         handles.append(layer.register_forward_pre_hook(lambda m, a, _name=name: hook(m, a, _name)))
     try:
-        inputs.run(block)
+        with torch.inference_mode():
+            for batch, (args, kwargs) in enumerate(inputs.calls):
+                fired.clear()
+                try:
+                    block(*args, **kwargs)
+                except _Observed:
+                    pass
+                if batch == 0 and sorted(fired) == sorted(layers):
+                    stop_after[:] = fired[-1:]
     finally:
         last.clear()
         for h in handles:

@@ -10,14 +10,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from slimformer.errors import UserError
+from slimformer.models.placement import input_device
 from slimformer.evaluate.divergence import mean_pool
 
-
-def _device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
 
 
 def embed(
@@ -34,7 +29,7 @@ def embed(
         raise UserError("embed: expected at least one text, found an empty list")
     if batch_size < 1:
         raise UserError(f"embed batch_size: expected >= 1, found {batch_size}")
-    device = _device(model)
+    device = input_device(model)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
     chunks: list[Tensor] = []
     with torch.inference_mode():

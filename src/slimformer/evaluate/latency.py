@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimformer.models.placement import input_device
+
 
 def time_calls(fn: Callable[[], Any], runs: int, warmup: int) -> list[float]:
     """Milliseconds of each of `runs` calls of `fn` after `warmup` untimed ones: the one timer every
@@ -48,7 +50,7 @@ def measure_latency(
     """Median/min/max milliseconds of one forward pass on fixed random token ids (batch x seq)."""
     with torch_threads(threads) as threads:
         ids = torch.randint(0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-        ids = ids.to(_where(model))
+        ids = ids.to(input_device(model))
         mask = torch.ones_like(ids)
         extra = {"use_cache": False} if _takes_cache(model) else {}
         times = time_calls(lambda: model(input_ids=ids, attention_mask=mask, **extra), runs, warmup)
@@ -57,11 +59,6 @@ def measure_latency(
         "latency_batch": batch, "latency_seq": seq, "latency_threads": threads, "latency_runs": runs,
     }
 
-
-def _where(model: Any) -> torch.device:
-    """The device a torch model's inputs go to (an onnxruntime session takes host tensors)."""
-    params = model.parameters() if isinstance(model, nn.Module) else iter(())
-    return next(params, torch.empty(0)).device
 
 
 def _takes_cache(model: nn.Module) -> bool:
@@ -78,8 +75,8 @@ def measure_decode(model: nn.Module, vocab_size: int, *, context: int = 512, run
         return {}
     with torch_threads(threads):
         gen = torch.Generator().manual_seed(0)
-        prompt = torch.randint(0, vocab_size, (1, context), generator=gen).to(_where(model))
-        tokens = iter(torch.randint(0, vocab_size, (1, warmup + runs), generator=gen).to(_where(model)).split(1, dim=1))
+        prompt = torch.randint(0, vocab_size, (1, context), generator=gen).to(input_device(model))
+        tokens = iter(torch.randint(0, vocab_size, (1, warmup + runs), generator=gen).to(input_device(model)).split(1, dim=1))
         step = _ort_stepper(model, prompt) if hasattr(model, "step") else _torch_stepper(model, prompt)
         times = time_calls(lambda: step(next(tokens)), runs, warmup)
     return {"decode_ms": statistics.median(times), "decode_min_ms": min(times), "decode_max_ms": max(times),

@@ -11,13 +11,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from slimformer.errors import UserError
+from slimformer.models.placement import input_device
 
-
-def _device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
 
 
 def perplexity(model: Any, windows: Tensor, batch_size: int = 4, progress: bool = True) -> dict:
@@ -29,7 +24,7 @@ def perplexity(model: Any, windows: Tensor, batch_size: int = 4, progress: bool 
         raise UserError(f"perplexity windows: expected a (n >= 1, seq_len >= 2) tensor, found shape {tuple(windows.shape)}")
     if batch_size < 1:
         raise UserError(f"perplexity batch_size: expected >= 1, found {batch_size}")
-    device = _device(model)
+    device = input_device(model)
     windows = windows.long()
     n, seq_len = windows.shape
     nll = torch.zeros((), dtype=torch.float64)

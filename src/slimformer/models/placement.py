@@ -103,6 +103,12 @@ def module_device(module: nn.Module) -> torch.device:
     return HOST
 
 
+def input_device(model: Any) -> torch.device:
+    """Where a model's inputs go: a torch module's device, the host for anything else (an
+    onnxruntime session, a llama.cpp model take host tensors)."""
+    return module_device(model) if isinstance(model, nn.Module) else HOST
+
+
 @contextlib.contextmanager
 def onloaded(module: nn.Module, device: torch.device | None, compute_dtype: torch.dtype | None = None) -> Iterator[nn.Module]:
     """`module` moved to `device` for the `with` body, then back where it was: one block at a time
