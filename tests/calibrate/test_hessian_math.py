@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from slimformer.calibrate.hessian_math import accumulate_hessian, inverse_hessian_factor
+from slimformer.calibrate.hessian_math import accumulate_hessian, gram, inverse_hessian_factor
 
 
 def test_hessian_running_mean_equals_batch() -> None:
@@ -28,3 +29,14 @@ def test_inverse_factor_inverts_the_damped_hessian_and_survives_dead_inputs() ->
     damped = fixed + 0.01 * torch.diag(fixed).mean() * torch.eye(12, dtype=torch.float64)
     assert torch.allclose(u.T @ u @ damped, torch.eye(12, dtype=torch.float64), atol=1e-4)
     assert torch.equal(u, torch.triu(u))
+
+
+@pytest.mark.parametrize("width", [7, 130, 576, 1000])
+def test_gram_from_the_upper_triangle_equals_the_full_product(width: int) -> None:
+    """The block-triangular x^T x equals the full product to fp32 rounding, and is exactly
+    symmetric once split in blocks (widths below, at and past two 128-column blocks, one not
+    divisible by 4)."""
+    x = torch.randn(512, width)
+    g = gram(x)
+    assert torch.equal(g, g.t()) or width < 256
+    assert torch.allclose(g, x.t() @ x, rtol=1e-5, atol=1e-3)
