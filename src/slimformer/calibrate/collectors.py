@@ -59,6 +59,7 @@ class HessianCollector(SharedInputs):
         super().__init__(method)
         self.seq_len, self.sink_weight = seq_len, sink_weight
         self.sums: dict[str, tuple[torch.Tensor, int]] = {}
+        self._made: tuple[str, Any] | None = None
 
     def add(self, name: str, x: torch.Tensor) -> None:
         h, n = self.sums.get(name, (None, 0))
@@ -73,6 +74,16 @@ class HessianCollector(SharedInputs):
 
     def get(self, name: str) -> torch.Tensor:
         return self.sums[self.leader(name)][0]
+
+    def shared(self, name: str, make: Callable[[torch.Tensor], Any]) -> Any:
+        """`make(H)` for layer `name`, made once for the layers that share its Hessian (q/k/v and
+        gate/up have one inverse factor: GPTQ and SparseGPT computed it for each). Only the latest
+        is kept, the layers of one input being visited one after another."""
+        leader = self.leader(name)
+        if self._made is None or self._made[0] != leader:
+            self._made = None  # the previous one is freed before the next is made
+            self._made = (leader, make(self.get(name)))
+        return self._made[1]
 
 
 class ColumnNorms(SharedInputs):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from slimformer.calibrate.collectors import HessianCollector
+from slimformer.calibrate.hessian_math import inverse_hessian_factor
 from slimformer.calibrate.engine import calibration_inputs, observe_linears, run_on_targets
 from slimformer.context import StepContext
 from slimformer.errors import UserError
@@ -71,7 +72,8 @@ def sparsegpt(model: nn.Module, config: SparseGPTConfig, ctx: StepContext | None
             res = sparsegpt_prune(
                 w, hessians.get(name), sparsity=None if nm else sparsity_of.get(name, config.sparsity),
                 nm=nm.get(name), damp=config.damp, block_size=config.block_size, bits=config.bits,
-                group_size=config.group_size, symmetric=config.symmetric)
+                group_size=config.group_size, symmetric=config.symmetric,
+                hinv=hessians.shared(name, lambda h: inverse_hessian_factor(h, config.damp)))
             if res.codes is None:
                 w.copy_(res.weight)
             else:

@@ -47,9 +47,11 @@ def _block_size(block_size: int, m: int | None, group_size: int | None) -> int:
 def sparsegpt_prune(
     w: Tensor, h: Tensor, *, sparsity: float | None = None, nm: tuple[int, int] | None = None, damp: float = 0.01,
     block_size: int = 128, bits: int | None = None, group_size: int = 128, symmetric: bool = False,
+    hinv: Tensor | None = None,
 ) -> SparseGPTResult:
     """Prune w (out, in) against the Hessian h (in, in) of its inputs: exactly round(sparsity * numel)
-    weights (the count split over column blocks), or n of every m consecutive inputs per row."""
+    weights (the count split over column blocks), or n of every m consecutive inputs per row.
+    hinv: `inverse_hessian_factor(h, damp)` when the caller already has it (layers sharing h)."""
     if (sparsity is None) == (nm is None):
         raise ValueError("give exactly one of sparsity or nm")
     if sparsity is not None:
@@ -59,7 +61,8 @@ def sparsegpt_prune(
     out_f, in_f = w.shape
     w = w.detach().float().clone()
     w[:, torch.diag(h) == 0] = 0.0  # inputs that never fire: their weights carry no signal
-    hinv = inverse_hessian_factor(h, damp)  # upper Cholesky factor of H^-1, fp32
+    if hinv is None:
+        hinv = inverse_hessian_factor(h, damp)  # upper Cholesky factor of H^-1, fp32
     m = nm[1] if nm is not None else None
     size = _block_size(block_size, m, group_size if bits is not None else None)
 

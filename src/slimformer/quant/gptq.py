@@ -14,7 +14,7 @@ from slimformer.config import TargetedConfig, check_positive
 from slimformer.context import StepContext
 from slimformer.errors import UserError
 from slimformer.models.layout import select_linears, weight_view
-from slimformer.quant.gptq_math import gptq_quantize
+from slimformer.quant.gptq_math import gptq_factor, gptq_quantize
 from slimformer.quant.qlinear import QuantLinear
 from slimformer.quant.qscheme import ScaleRule, ZeroPoint, check_scheme, rule_info
 from slimformer.registry import register
@@ -65,10 +65,12 @@ def gptq(model: nn.Module, config: GPTQConfig, ctx: StepContext | None = None) -
         hessians = HessianCollector("gptq", windows.shape[1], config.sink_weight)
         observe_linears(block, layers, inputs, hessians)
         for name, layer in layers.items():
+            factor = hessians.shared(name, lambda h: gptq_factor(h, config.damp, config.act_order))
             codes, qp = gptq_quantize(
                 weight_view(layer).float(), hessians.get(name), config.bits, config.group_size, config.symmetric,
                 damp=config.damp, block_size=config.block_size, act_order=config.act_order,
                 scale_rule=config.scale_rule, zero_point=config.zero_point, scale_search=config.scale_search,
+                factor=factor,
             )
             model.set_submodule(name, QuantLinear.from_codes(codes, qp, getattr(layer, "bias", None)))
         return {"block": index, "layers": len(layers)}

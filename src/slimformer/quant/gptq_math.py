@@ -36,10 +36,17 @@ def searched_group(wg: Tensor, importance: Tensor, bits: int, symmetric: bool, r
     return best[:2], best[2:]
 
 
+def gptq_factor(h: Tensor, damp: float, act_order: bool) -> tuple[Tensor, Tensor]:
+    """(column order, upper Cholesky factor of the damped H^-1 in that order): what `gptq_quantize`
+    walks. It depends on H alone, so layers sharing one Hessian can share it (`factor=`)."""
+    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(h.shape[0], device=h.device)
+    return order, inverse_hessian_factor(h[order][:, order], damp)
+
+
 def gptq_quantize(
     w: Tensor, h: Tensor, bits: int, group_size: int, symmetric: bool, *, damp: float = 0.01,
     block_size: int = 128, act_order: bool = False, scale_rule: str = "absmax", zero_point: str = "int",
-    scale_search: bool = False,
+    scale_search: bool = False, factor: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, QParams]:
     """Quantize w (out, in) against Hessian h (in, in); return (int16 codes (out, in), qparams).
 
@@ -67,30 +74,35 @@ def gptq_quantize(
 
     if group_size > 0:  # whole groups per block, so a group's columns are all updated when it starts
         block_size = group_size * max(1, block_size // group_size)
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f, device=w.device)
-    hinv = inverse_hessian_factor(h[perm][:, perm], damp)
+    perm, hinv = factor if factor is not None else gptq_factor(h, damp, act_order)
     diag = torch.diag(h).float()  # the importance of each input column, for scale_search
     group_of = (perm // group_size) if group_size > 0 else torch.zeros(in_f, dtype=torch.long, device=w.device)
     # Work on W^T (in, out) so that each column of W is a contiguous row.
     wt = w[:, perm].t().contiguous()
     codes_t = torch.zeros(in_f, out_f, device=w.device)
+    groups = group_of.tolist()  # python ints: the walk below runs once per column, in Python
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         w1 = wt[i1:i2].clone()  # (b, out)
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
+        pivots = hinv1.diagonal().tolist()
+        g_now = -1
         for j in range(i2 - i1):  # columns are sequential by construction; each step is an (out,) vector op
             col = i1 + j
-            g = int(group_of[col])
+            g = groups[col]
             if not static and col % group_size == 0:  # a group starts: scale it from the updated weights
                 wg = w1[j : j + group_size].t()
                 enc, dec = _group_params(wg, diag[col : col + wg.shape[1]], bits, symmetric, rules, scale_search)
                 for dst, src in zip(enc_t + dec_t, enc + dec):
                     dst[g] = src
-            q = encode(w1[j], (enc_t[0][g], enc_t[1][g]), bits, symmetric, rule)
+                g_now = -1
+            if g != g_now:  # this group's encoder and decoder rows, (out,) each
+                enc_g, dec_g, g_now = (enc_t[0][g], enc_t[1][g]), (dec_t[0][g], dec_t[1][g]), g
+            q = encode(w1[j], enc_g, bits, symmetric, rule)
             codes_t[col] = q
-            err = (w1[j] - decode(q, (dec_t[0][g], dec_t[1][g]), rule)) / hinv1[j, j]
-            w1[j:] -= hinv1[j, j:].unsqueeze(1) * err.unsqueeze(0)
+            err = (w1[j] - decode(q, dec_g, rule)).div_(pivots[j])
+            w1[j + 1 :] -= hinv1[j, j + 1 :].unsqueeze(1) * err.unsqueeze(0)  # the later columns absorb its error
             err1[j] = err
         wt[i2:] -= hinv[i1:i2, i2:].t() @ err1
     codes = codes_t.t()[:, torch.argsort(perm)].to(torch.int16)
