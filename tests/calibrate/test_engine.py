@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+import transformers
 from tiny import tiny_llama  # tests/tiny.py
 
 from slimformer.calibrate.engine import BlockInputs, capture_first_block_inputs, observe_linears, run_layerwise
@@ -75,3 +77,34 @@ def test_observe_runs_whole_blocks_when_a_layer_fires_more_than_once() -> None:
     inputs = BlockInputs([((torch.randn(2, 3, 4),), {}) for _ in range(3)])
     seen = _observed(block, {"a": block.a, "b": block.b}, inputs)
     assert len(outputs) == 3 and len(seen["a"]) == 6 and len(seen["b"]) == 3
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gemma2", "qwen2-sliding"])
+def test_engine_gives_each_block_its_own_mask_and_rope(family: str) -> None:
+    """Blocks of two kinds (sliding-window and full attention; Gemma-3's with their own rope bases)
+    get their own call arguments: every block's propagated output equals the model's own hidden
+    state. With block 0's arguments replayed for all blocks (as before), the full-attention blocks
+    saw the sliding window's mask and rope and drifted (real gemma3-270m: 289 off at block 5)."""
+    shared = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    if family == "gemma3":
+        config = transformers.Gemma3TextConfig(**shared, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
+                                               layer_types=["sliding_attention", "full_attention"] * 2)
+        model = transformers.Gemma3ForCausalLM(config)
+    elif family == "gemma2":
+        config = transformers.Gemma2Config(**shared, head_dim=8, query_pre_attn_scalar=8, sliding_window=4)
+        model = transformers.Gemma2ForCausalLM(config)
+    else:
+        config = transformers.Qwen2Config(**shared, use_sliding_window=True, sliding_window=4, max_window_layers=2)
+        model = transformers.Qwen2ForCausalLM(config)
+    model.eval()
+    assert len(set(config.layer_types)) == 2
+    windows = torch.randint(0, 64, (4, 24))
+    outputs = {}
+    run_layerwise(model, windows, lambda index, block, inputs: None, batch_size=2,
+                  after_block=lambda index, inputs: outputs.setdefault(index, torch.cat([a[0] for a, _ in inputs.calls])))
+    with torch.inference_mode():
+        hidden = model(input_ids=windows, output_hidden_states=True, use_cache=False).hidden_states
+    for index in range(config.num_hidden_layers - 1):  # the last entry of hidden_states has the final norm applied
+        assert torch.allclose(outputs[index], hidden[index + 1], atol=1e-4), f"block {index} ({config.layer_types[index]})"

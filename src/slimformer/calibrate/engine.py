@@ -10,7 +10,7 @@ block's inputs. Only one block's activations are held at a time.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,9 +29,13 @@ class _Captured(Exception):
 
 @dataclass
 class BlockInputs:
-    """Positional and keyword inputs of one block, one entry per calibration batch."""
+    """Positional and keyword inputs of one block, one entry per calibration batch; `later` holds
+    the other arguments of each later block (per batch, their hidden-state slot None): blocks of
+    different kinds get different ones (Gemma-3's full-attention blocks another rope table than
+    its sliding-window blocks, other masks)."""
 
     calls: list[tuple[tuple, dict[str, Any]]]
+    later: list[list[tuple[tuple, dict[str, Any]]]] = field(default_factory=list)
 
     def run(self, block: nn.Module) -> list[torch.Tensor]:
         """Hidden-state outputs of `block` for every batch."""
@@ -39,34 +43,69 @@ class BlockInputs:
             return [_hidden(block(*args, **kwargs)) for args, kwargs in self.calls]
 
     def replace_hidden(self, hidden: list[torch.Tensor]) -> "BlockInputs":
-        """The same calls with new hidden states (the previous block's outputs)."""
-        calls = []
-        for (args, kwargs), h in zip(self.calls, hidden):
-            if args:
-                calls.append(((h, *args[1:]), kwargs))
-            else:
-                calls.append(((), {**kwargs, "hidden_states": h}))
-        return BlockInputs(calls)
+        """The same calls with new hidden states."""
+        return BlockInputs([_with_hidden(args, kwargs, h) for (args, kwargs), h in zip(self.calls, hidden)], self.later)
+
+    def advance(self, hidden: list[torch.Tensor]) -> "BlockInputs":
+        """The next block's inputs: `hidden` (this block's outputs) with the next block's own other
+        arguments (this block's when none were recorded)."""
+        if not self.later:
+            return self.replace_hidden(hidden)
+        calls = [_with_hidden(args, kwargs, h) for (args, kwargs), h in zip(self.later[0], hidden)]
+        return BlockInputs(calls, self.later[1:])
+
+
+def _with_hidden(args: tuple, kwargs: dict[str, Any], hidden: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
+    """A block call with `hidden` in its hidden-state slot (the first positional argument, else
+    the `hidden_states` keyword)."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return (), {**kwargs, "hidden_states": hidden}
+
+
+def _hidden_in(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
 
 
 def _hidden(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def _like(output: Any, hidden: torch.Tensor) -> Any:
+    """`hidden` in the structure of a block's `output` (a tensor, or a tuple whose first item it is)."""
+    return (hidden, *output[1:]) if isinstance(output, (tuple, list)) else hidden
+
+
 def capture_first_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int = 8,
                                device: torch.device | None = None, dtype: torch.dtype | None = None) -> BlockInputs:
-    """Run the model's embedding stage on `windows` (n, T) where the model is, and record block 0's
-    call arguments (moved to `device` and floating tensors cast to `dtype` when given: the blocks
-    compute there, in that precision)."""
+    """Run the model's embedding stage on `windows` (n, T) where the model is, and record every
+    block's call arguments: block 0's in full, the later blocks' without their hidden states (moved
+    to `device`, floating tensors cast to `dtype` when given: the blocks compute there, in that
+    precision; a tensor several blocks share stays one tensor).
+
+    The blocks are not computed: each one's forward is swapped, for this pass only, for a recorder
+    that hands its input hidden states on unchanged (block 0 runs once, on the first batch, so the
+    recorders return what a block returns), and the last one stops the pass."""
     _, blocks = find_blocks(model)
-    calls: list[tuple[tuple, dict[str, Any]]] = []
+    calls: list[list[tuple[tuple, dict[str, Any]]]] = [[] for _ in blocks]
+    real = blocks[0].forward
+    output: list[Any] = []  # block 0's real output on the first batch: the structure recorders return
 
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        calls.append((args, dict(kwargs)))
-        raise _Captured
+    def recorder(index: int) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            hidden = _hidden_in(args, kwargs)
+            calls[index].append((args, dict(kwargs)) if index == 0 else _with_hidden(args, kwargs, None))
+            if index == len(blocks) - 1:
+                raise _Captured
+            if not output:
+                output.append(real(*args, **kwargs))
+            return _like(output[0], hidden)
+        return forward
 
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    saved = [block.__dict__.get("forward") for block in blocks]  # an instance forward (a hook library's) is put back
     try:
+        for index, block in enumerate(blocks):
+            block.forward = recorder(index)
         with torch.inference_mode():
             for start in range(0, windows.shape[0], batch_size):
                 batch = windows[start : start + batch_size]
@@ -75,8 +114,12 @@ def capture_first_block_inputs(model: nn.Module, windows: torch.Tensor, batch_si
                 except _Captured:
                     pass
     finally:
-        handle.remove()
-    return BlockInputs(to_device(calls, device, dtype))
+        for block, forward in zip(blocks, saved):
+            del block.forward
+            if forward is not None:
+                block.forward = forward
+    first, *later = to_device(calls, device, dtype, memo={})
+    return BlockInputs(first, later)
 
 
 def _no_cache(model: nn.Module) -> dict[str, Any]:
@@ -115,14 +158,14 @@ def run_layerwise(
     inputs = capture_first_block_inputs(model, windows, batch_size, device, precise)
     for index in range(start):  # the restored blocks recreate the inputs of block `start` exactly
         with onloaded(blocks[index], device, precise):
-            inputs = inputs.replace_hidden(inputs.run(blocks[index]))
+            inputs = inputs.advance(inputs.run(blocks[index]))
     for index in track(ctx, range(start, len(blocks)), "blocks", len(blocks) - start):
         block = blocks[index]
         with onloaded(block, device, precise):
             infos.append(process_block(index, block, inputs) or {})
             if device is not None:
                 block.to(device)  # layers the method swapped in were built on the host
-            inputs = inputs.replace_hidden(inputs.run(block))
+            inputs = inputs.advance(inputs.run(block))
         release_host_memory()
         if checkpoint is not None:
             checkpoint.save(index, block, infos[-1])

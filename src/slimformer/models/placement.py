@@ -79,18 +79,25 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def to_device(obj: Any, device: torch.device | None, dtype: torch.dtype | None = None) -> Any:
+def to_device(obj: Any, device: torch.device | None, dtype: torch.dtype | None = None,
+              memo: dict[int, torch.Tensor] | None = None) -> Any:
     """`obj` with every tensor inside (nested tuples, lists, dicts) moved to `device` (None: where
-    it is), and its floating-point tensors cast to `dtype` when given."""
+    it is), and its floating-point tensors cast to `dtype` when given. With `memo` (a dict), a
+    tensor met several times is converted once and stays one tensor."""
     if isinstance(obj, torch.Tensor):
+        if memo is not None and id(obj) in memo:
+            return memo[id(obj)]
         cast = dtype if dtype is not None and obj.is_floating_point() else None
-        return obj.to(device=device, dtype=cast, non_blocking=True) if device is not None or cast else obj
+        out = obj.to(device=device, dtype=cast, non_blocking=True) if device is not None or cast else obj
+        if memo is not None:
+            memo[id(obj)] = out
+        return out
     if isinstance(obj, tuple):
-        return tuple(to_device(x, device, dtype) for x in obj)
+        return tuple(to_device(x, device, dtype, memo) for x in obj)
     if isinstance(obj, list):
-        return [to_device(x, device, dtype) for x in obj]
+        return [to_device(x, device, dtype, memo) for x in obj]
     if isinstance(obj, dict):
-        return {k: to_device(v, device, dtype) for k, v in obj.items()}
+        return {k: to_device(v, device, dtype, memo) for k, v in obj.items()}
     return obj
 
 
