@@ -189,9 +189,9 @@ def run_benchmark(args: argparse.Namespace, plan: list, run_fn: Callable, prefix
     """Prepare the model and windows, run `plan` through `run_fn`, print the table, write --json."""
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         bench = prepare(args, Path(tmp))
-        fp32 = evaluate(bench.model, bench)
         evals = {bench.eval_text: bench.eval_windows, **bench.more_evals}
-        shown = ", ".join(f"{t} {fp32.get('ppl_by_text', {t: fp32['ppl']})[t]:.2f} ({w.shape[0]} windows)"
+        fp32 = {"ppl": None} if args.no_baseline else evaluate(bench.model, bench)
+        shown = ", ".join(f"{t} {_fmt(fp32.get('ppl_by_text', {t: fp32['ppl']})[t])} ({w.shape[0]} windows)"
                           for t, w in evals.items())
         print(f"{args.model}: fp32 ppl {shown}; calibration {bench.calib_windows.shape[0]} windows x {SEQ_LEN} "
               f"of {args.calib_text}; {torch.get_num_threads()} threads", flush=True)
@@ -206,6 +206,10 @@ def run_benchmark(args: argparse.Namespace, plan: list, run_fn: Callable, prefix
                                "calib_windows": int(bench.calib_windows.shape[0]), "fp32_ppl": fp32["ppl"],
                                "fp32": fp32, "rows": rows})
     print(f"\nwrote {out}")
+
+
+def _fmt(ppl: float | None) -> str:
+    return "not measured (--no-baseline)" if ppl is None else f"{ppl:.2f}"
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -227,3 +231,5 @@ def add_common_args(parser: argparse.ArgumentParser, json_default: str) -> None:
                         help="the first N windows of the other --eval-texts (default: as --max-windows)")
     parser.add_argument("--calib-windows", type=int, default=64, help="calibration windows of 512 tokens (default 64)")
     parser.add_argument("--only", nargs="*", help="setting keys and/or library names to run")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the fp32 evaluation (a rerun of rows whose fp32 perplexity is known)")
