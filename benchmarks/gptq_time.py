@@ -8,8 +8,7 @@ block for the next block's inputs) and, with --peer, llm-compressor's GPTQModifi
 The phases are timed by wrapping the library's own functions for the length of the run (nothing in
 src/ is changed): `capture_first_block_inputs` (embeddings), `accumulate_hessian` (x^T x per
 distinct layer input), `observe_linears` (the observing forward pass, hooks included),
-`inverse_hessian_factor` (Cholesky and inverse, fp64), `gptq_quantize` (the column walk, inverse
-excluded), `QuantLinear.from_codes` (packing) and `BlockInputs.run` (every block forward). Times
+`inverse_hessian_factor` (the inverse factor, fp64), `gptq_quantize` (the column walk), `QuantLinear.from_codes` (packing) and `BlockInputs.run` (every block forward). Times
 are inclusive; the table subtracts the nested ones. "forward passes" is each phase's time over one
 plain forward pass of all blocks on the calibration windows, measured before the run.
 """
@@ -93,20 +92,20 @@ def one_forward_pass(model: nn.Module, windows: torch.Tensor) -> float:
 
 
 def breakdown(t: PhaseTimer, total: float) -> list[tuple[str, float]]:
-    """Exclusive seconds per phase: nested timings subtracted from the phases that contain them
-    (the Hessian is accumulated inside the observing pass)."""
+    """Exclusive seconds per phase: the Hessian is accumulated inside the observing pass; the
+    inverse factor is made outside `gptq_quantize` (once per shared Hessian, `gptq_factor`)."""
     s = t.seconds
     propagate = s["block_forward"]  # observe_linears calls the block itself, not BlockInputs.run
-    rest = total - s["capture"] - s["observe"] - s["gptq_quantize"] - s["pack"] - propagate
+    timed_phases = s["capture"] + s["observe"] + s["inverse"] + s["gptq_quantize"] + s["pack"] + propagate
     return [
-        ("embeddings (capture block 0's inputs)", s["capture"]),
+        ("embeddings (record every block's call arguments)", s["capture"]),
         ("observing forward pass (hooks, upcast, finite check)", s["observe"] - s["hessian"]),
         ("Hessian accumulation (x^T x)", s["hessian"]),
         ("inverse Hessian factor (fp64 Cholesky)", s["inverse"]),
-        ("GPTQ column walk", s["gptq_quantize"] - s["inverse"]),
+        ("GPTQ column walk", s["gptq_quantize"]),
         ("packing codes into QuantLinear", s["pack"]),
         ("forward pass of the quantized block", propagate),
-        ("the rest (onloading, host memory, bookkeeping)", rest),
+        ("the rest (onloading, host memory, bookkeeping)", total - timed_phases),
     ]
 
 
