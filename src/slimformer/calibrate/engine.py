@@ -24,7 +24,7 @@ from slimformer.models.placement import compute_dtype_for, onloaded, release_hos
 
 
 class _Captured(Exception):
-    """Raised by the capture hook to stop the forward pass after block 0's inputs are taken."""
+    """Raised by the last block's recorder: every block's arguments are taken, nothing else is needed."""
 
 
 @dataclass
@@ -55,9 +55,9 @@ class BlockInputs:
         return BlockInputs(calls, self.later[1:])
 
 
-def _with_hidden(args: tuple, kwargs: dict[str, Any], hidden: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
+def _with_hidden(args: tuple, kwargs: dict[str, Any], hidden: torch.Tensor | None) -> tuple[tuple, dict[str, Any]]:
     """A block call with `hidden` in its hidden-state slot (the first positional argument, else
-    the `hidden_states` keyword)."""
+    the `hidden_states` keyword); None empties the slot."""
     if args:
         return (hidden, *args[1:]), kwargs
     return (), {**kwargs, "hidden_states": hidden}
