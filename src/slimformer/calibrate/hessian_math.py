@@ -40,26 +40,31 @@ def gram(x: Tensor, parts: int = 4) -> Tensor:
 
 
 def inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor U of (H + damp * mean(diag H) I)^-1 (U^T U = H^-1), retrying with more
-    damping; fp32 out, fp64 inside.
+    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1, retrying with more damping.
 
-    Without forming H^-1: with J the reversal permutation and J H J = L L^T, H^-1 = J L^-T L^-1 J
-    = U^T U for U = J L^-1 J, which is upper triangular with a positive diagonal, hence the factor.
-    One Cholesky and one triangular solve (about 4/3 n^3 multiply-adds) where Cholesky, inverse and
-    a second Cholesky took 11/3 n^3; at most three (in, in) fp64 matrices are alive (a 14336-wide
-    input, Llama-3-8B's down_proj, takes 1.6 GB per fp64 matrix)."""
+    In fp64, with at most three (in, in) matrices alive at a time (a 14336-wide input, Llama-3-8B's
+    down_proj, takes 1.6 GB per fp64 matrix). (The same factor without the explicit inverse, a
+    Cholesky of the reversed H and one triangular solve, is 2.75x fewer operations and left GPTQ's
+    codes unchanged, but it moved SparseGPT's masks by rounding, 1% on 24 windows; not adopted.)"""
     dead = torch.diag(h) == 0
     for factor in (1.0, 10.0, 100.0):
         m = h.to(torch.float64, copy=True)  # a fresh copy each try: the damping is added in place
         m[dead, dead] = 1.0
         diag = m.diagonal()
         diag.add_(damp * factor * diag.mean())
-        chol, info = torch.linalg.cholesky_ex(m.flip(0, 1))  # L of J H J
-        del m, diag
-        if int(info) != 0:
+        try:
+            chol = torch.linalg.cholesky(m)
+        except torch.linalg.LinAlgError:
             continue
+        del m, diag
+        # H^-1 = L^-T L^-1 via a triangular solve (much faster here than cholesky_inverse)
         eye = torch.eye(h.shape[0], dtype=chol.dtype, device=chol.device)
-        chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)  # L^-1, lower
+        chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
         del chol, eye
-        return chol_inv.flip(0, 1).float()  # J L^-1 J: upper
+        inverse = chol_inv.t() @ chol_inv
+        del chol_inv
+        try:
+            return torch.linalg.cholesky(inverse, upper=True).float()
+        except torch.linalg.LinAlgError:
+            continue
     raise torch.linalg.LinAlgError("Hessian is not positive definite even with 100x damping")
