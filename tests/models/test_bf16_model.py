@@ -4,7 +4,6 @@ SparseGPT and AWQ on it give the fp32 path's perplexity within 1%."""
 from __future__ import annotations
 
 import copy
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,15 +15,6 @@ from slimformer.data.windows import lm_windows
 from slimformer.evaluate.perplexity import perplexity
 from slimformer.models.loading import ModelBundle, load_bundle
 from slimformer.recipe import Recipe
-
-
-@pytest.fixture(scope="module")
-def bf16_folder(smollm_bundle: ModelBundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("smollm2-bf16")
-    copy.deepcopy(smollm_bundle.model).to(torch.bfloat16).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(Path(smollm_bundle.folder) / name, folder / name)
-    return folder
 
 
 def test_auto_loads_the_checkpoint_dtype(bf16_folder: Path, smollm_bundle: ModelBundle) -> None:
