@@ -30,7 +30,10 @@ WEIGHT_ONLY_COSINE = 0.9999
 EMULATION_COSINE = 0.99999  # transformers vs compressed-tensors' fake quantization on our weights (measured 1 - 3e-13)
 W8A8_DYNAMIC_COSINE = 0.99  # transformers vs slimformer W8A8 per token (measured 0.9953)
 W8A8_DYNAMIC_SAME_DISTANCE = 0.002  # |cos to fp32| difference (measured 0.9956 vs 0.9960)
-W8A8_STATIC_SAME_DISTANCE = 0.01  # (measured 0.8445 vs 0.8489 with 2 calibration windows)
+# |cos to fp32| difference: chaotic in the CPU's fp32 rounding (each flipped code is a whole step of a coarse
+# per-tensor scale and flips more downstream): measured 0.0044 (0.8445 vs 0.8489, 2 calibration windows) on
+# one CPU and 0.0152 on another (2026-12-02, same code); a broken reader or scale would be tenths away
+W8A8_STATIC_SAME_DISTANCE = 0.03
 
 
 # --- SmolLM2 through plain transformers + compressed-tensors (slimformer not importable) -------------------
