@@ -4,7 +4,7 @@
 
 The layer-wise engine keeps one block and its calibration activations in memory, so the peak
 should stay near the fp32 model plus a few hundred MB (issue target: below fp32 size + 2 GB).
-Each method runs in its own interpreter because peak RSS (`ru_maxrss`) never goes down.
+Each method runs in its own interpreter because a process's peak RSS (VmHWM) never goes down.
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ RECIPES = {
 
 # run in a child interpreter: load, measure RSS, compress, measure peak RSS
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 
 from slimformer.context import StepContext
 from slimformer.data.sources import load_data
 from slimformer.models.loading import load_bundle
+from slimformer.models.placement import peak_memory
 from slimformer.recipe import Recipe
 
 def rss_now():
@@ -38,11 +39,11 @@ def rss_now():
             return int(line.split()[1]) * 1024
 bundle = load_bundle("smollm2-135m")
 loaded = rss_now()
+fp32_bytes = sum(p.numel() * 4 for p in bundle.model.parameters())  # counted before the layers are replaced
 ctx = StepContext(tokenizer=bundle.tokenizer, calib=load_data("lee-news", "calib"), progress=False)
 start = time.perf_counter()
 Recipe.from_yaml(sys.argv[1]).apply(bundle.model, ctx)
-fp32_bytes = sum(p.numel() * 4 for p in load_bundle("smollm2-135m", tokenizer=False).model.parameters())
-print(json.dumps({"rss_after_load_bytes": loaded, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+print(json.dumps({"rss_after_load_bytes": loaded, "peak_rss_bytes": peak_memory()["peak_rss_bytes"],
                   "fp32_model_bytes": fp32_bytes, "compress_s": round(time.perf_counter() - start, 1)}))
 """
 

@@ -133,3 +133,21 @@ def test_gptq_on_a_bf16_tiny_model_matches_the_fp32_path() -> None:
     agree = (a.codes == b.codes).float().mean()
     assert agree > 0.95, f"only {agree:.3f} of the codes agree"
     assert bf16.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_pruning_a_bf16_tiny_model_keeps_its_masks(method: str) -> None:
+    """The block's weights are fp32 copies while it calibrates and are rounded back after: the masks
+    must land on those copies, so every target layer of the bf16 model leaves exactly half zeros
+    (a tensor taken before the run was pruned and then dropped, leaving the model dense)."""
+    from slimformer.recipe import Recipe
+
+    model = tiny_llama(0).to(torch.bfloat16)
+    recipe = Recipe.coerce(f"steps: [{{method: {method}, sparsity: 0.5, num_samples: 4, seq_len: 32}}]")
+    info = recipe.apply(model, tiny_ctx("the quick brown fox jumps over the lazy dog; " * 40))
+    _, blocks = find_blocks(model)
+    linears = [m for block in blocks for m in block.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    for m in linears:
+        assert int((m.weight == 0).sum()) == m.weight.numel() // 2
+    assert info[0]["sparsity"] == pytest.approx(0.5)

@@ -171,12 +171,28 @@ def release_host_memory() -> None:
 _TRIM: Any = None
 
 
+def _vm_hwm_bytes() -> int | None:
+    """VmHWM from /proc/self/status (Linux), or None where there is no such file."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        return None
+    return None
+
+
 def peak_memory(device: torch.device | None = None) -> dict[str, int | None]:
     """Peak resident memory of this process so far, and the peak GPU memory torch allocated on
-    `device` (None on the CPU), in bytes."""
-    import resource  # POSIX only: imported where it is used
+    `device` (None on the CPU), in bytes. On Linux the peak is VmHWM, this address space's own high
+    water mark: `ru_maxrss` survives exec, so a process started from a bigger one (a test runner
+    holding a model) would report its parent's peak."""
+    rss_bytes = _vm_hwm_bytes()
+    if rss_bytes is None:
+        import resource  # POSIX only: imported where it is used
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_bytes = rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss_bytes = rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
     gpu = torch.cuda.max_memory_allocated(device) if device is not None and device.type == "cuda" else None
     return {"peak_rss_bytes": int(rss_bytes), "peak_device_bytes": gpu}

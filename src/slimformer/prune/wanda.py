@@ -37,7 +37,8 @@ class WandaConfig(AllocatedConfig):
 def wanda(model: nn.Module, config: WandaConfig, ctx: StepContext | None = None) -> dict[str, Any]:
     """Prune the target layers block by block by Wanda scores; return per-layer sparsity."""
     selected = select_linears(model, config.targets, config.ignore)
-    weights = {name: dense_weight(name, m, "wanda") for name, m in selected.items()}
+    for name, m in selected.items():
+        dense_weight(name, m, "wanda")  # refuse a quantized layer before any calibration work
     windows = calibration_inputs(ctx, config.num_samples, config.seq_len, "wanda")
     owl = owl_allocation(model, selected, config, windows, ctx, "wanda") if config.allocation == "owl" else {}
     sparsity_of = owl.pop("layer_sparsity", {})
@@ -45,10 +46,14 @@ def wanda(model: nn.Module, config: WandaConfig, ctx: StepContext | None = None)
     def process(index: int, block: nn.Module, inputs, layers: dict[str, nn.Module]) -> dict[str, Any]:
         norms = ColumnNorms("wanda")
         observe_linears(block, layers, inputs, norms)
+        # the weights as the block holds them now: a bf16 model's are fp32 copies for this block,
+        # rounded back after it, so a tensor taken before the run would be pruned and then dropped
+        weights = {name: dense_weight(name, layer, "wanda") for name, layer in layers.items()}
         masks = {name: layer_mask(name, wanda_scores(weights[name], norms.norm(name)), config,
                                   sparsity_of.get(name), per_row=True) for name in layers}
-        return {"block": index, "layer_sparsity": apply_masks({n: weights[n] for n in layers}, masks)}
+        return {"block": index, "layer_sparsity": apply_masks(weights, masks)}
 
     infos = run_on_targets(model, selected, windows, process, ctx)
     per_layer = {name: s for info in infos for name, s in info.get("layer_sparsity", {}).items()}
+    weights = {name: dense_weight(name, m, "wanda") for name, m in selected.items()}
     return {**summary(weights, per_layer), "calib_windows": int(windows.shape[0]), **owl}
