@@ -65,8 +65,6 @@ SMOLLM2_1_7B = {
 
 
 @pytest.mark.slow  # ~5 min: writes a 3.4 GB random bf16 checkpoint and prunes it block by block
-@pytest.mark.xfail(strict=True, reason="issue 17, not met: measured 2026-12-02, peak 7.63-7.67 GB against the "
-                   "6.85 GB fp32 size (bf16 weights 3.4 GB); what holds the rest is not yet traced")
 def test_block_by_block_run_peaks_below_the_fp32_size(tmp_path: Path) -> None:
     folder = tmp_path / "smollm2-1.7b-random"
     written = write_random_decoder(SMOLLM2_1_7B, folder, tokenizer_from=resolve_folder("smollm2-135m"))
