@@ -116,10 +116,11 @@ def test_searched_group_never_worse_and_shrinks_heavy_tails() -> None:
     assert bool((dec[0].abs() < full.decoder()[0][:, 0].abs() - 1e-6).any())  # some rows shrank
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("symmetric, rules, group_size", [(True, {"scale_rule": "signed_max"}, 32),
                                                         (False, {"zero_point": "float"}, 64)])
 def test_scale_search_lowers_gptq_output_error_on_real_activations(smollm_q_proj, symmetric: bool, rules: dict,
-                                                                   group_size: int) -> None:
+                                                                   group_size: int, act_order: bool) -> None:
     """On SmolLM2's q_proj (fit on 4 windows, scored on 2 held out), GPTQ with scale_search has a
     lower output error than without it (asymmetric at g64: at g32 SmolLM2's weights are exact)."""
     w, x = smollm_q_proj
@@ -127,16 +128,18 @@ def test_scale_search_lowers_gptq_output_error_on_real_activations(smollm_q_proj
     h = accumulate_hessian(None, fit, 0)[0]
     errors = []
     for search in (False, True):
-        codes, qp = gptq_quantize(w, h, 4, group_size, symmetric, scale_search=search, **rules)
+        codes, qp = gptq_quantize(w, h, 4, group_size, symmetric, scale_search=search, act_order=act_order, **rules)
         errors.append(float((held_out @ (w - dequantize(codes, qp)).T).pow(2).mean()))
-    assert errors[1] < 0.9 * errors[0], errors  # measured 0.80 (sym g32), 0.85 (float g64)
+    # measured 0.80 (sym g32), 0.85 (float g64); with act-order the search sees the original weights,
+    # not GPTQ's updated ones, and gains less (0.88, 0.95) from a lower start: act-order with the
+    # search is still the lowest of the four (2.80e-4 vs 2.98e-4 sym g32, 2.70e-4 vs 3.05e-4 float g64)
+    assert errors[1] < (0.97 if act_order else 0.9) * errors[0], errors
 
 
-def test_scale_search_needs_groups_in_order() -> None:
+def test_scale_search_needs_groups() -> None:
     from slimformer.errors import UserError
     from slimformer.quant.gptq import GPTQConfig
 
-    with pytest.raises(UserError, match="scale_search"):
-        GPTQConfig(scale_search=True, act_order=True)
+    assert GPTQConfig(scale_search=True).act_order  # act-order is the default, and the search goes with it
     with pytest.raises(UserError, match="scale_search"):
         GPTQConfig(scale_search=True, group_size=-1)

@@ -55,8 +55,9 @@ def gptq_quantize(
     when GPTQ reaches it; with act_order, columns go in decreasing Hessian-diagonal order and
     group scales come from the original weights, so groups stay contiguous on disk. scale_rule /
     zero_point: any `qscheme` parametrization (llama.cpp's signed_max and float minimum included);
-    each column is encoded and decoded with `qscheme.encode` / `decode`. scale_search (groups,
-    without act_order): each group's range shrink chosen by `searched_group` on the updated weights.
+    each column is encoded and decoded with `qscheme.encode` / `decode`. scale_search (groups): each
+    group's range shrink chosen by `searched_group`, on the updated weights (or, with act_order, on
+    the original ones, as its scales are).
     """
     rules = {"scale_rule": scale_rule, "zero_point": zero_point}
     check_scheme(bits, group_size, symmetric=symmetric, **rules)
@@ -67,15 +68,21 @@ def gptq_quantize(
     w[:, dead] = 0.0
     ng = n_groups(in_f, group_size)
     static = group_size <= 0 or act_order
-    qp = compute_qparams(w.float(), bits, group_size, symmetric, **rules)  # static params (used unless refreshed)
-    # per group, transposed to (n_groups, out): encoder pair (codes), decoder pair (weights)
-    enc_t = [t.expand(out_f, ng).t().contiguous() for t in qp.encoder()]
-    dec_t = [t.expand(out_f, ng).t().contiguous() for t in qp.decoder()]
+    diag = torch.diag(h).float()  # the importance of each input column, for scale_search
+    if static and scale_search:  # act-order groups: each searched once, on the original weights
+        pairs = [_group_params(w[:, c : c + group_size], diag[c : c + group_size], bits, symmetric, rules, True)
+                 for c in range(0, in_f, group_size)]
+        enc_t = [torch.stack([p[0][k] for p in pairs]) for k in range(2)]
+        dec_t = [torch.stack([p[1][k] for p in pairs]) for k in range(2)]
+    else:
+        qp = compute_qparams(w.float(), bits, group_size, symmetric, **rules)  # static params (used unless refreshed)
+        # per group, transposed to (n_groups, out): encoder pair (codes), decoder pair (weights)
+        enc_t = [t.expand(out_f, ng).t().contiguous() for t in qp.encoder()]
+        dec_t = [t.expand(out_f, ng).t().contiguous() for t in qp.decoder()]
 
     if group_size > 0:  # whole groups per block, so a group's columns are all updated when it starts
         block_size = group_size * max(1, block_size // group_size)
     perm, hinv = factor if factor is not None else gptq_factor(h, damp, act_order)
-    diag = torch.diag(h).float()  # the importance of each input column, for scale_search
     group_of = (perm // group_size) if group_size > 0 else torch.zeros(in_f, dtype=torch.long, device=w.device)
     # Work on W^T (in, out) so that each column of W is a contiguous row.
     wt = w[:, perm].t().contiguous()
