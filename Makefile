@@ -41,12 +41,18 @@ peers: $(STAMP)
 
 # llama.cpp runtime for .gguf files (slimformer.evaluate.llamacpp; not part of demo, test or CI):
 # llama-cpp-python built here from its PyPI sdist for this CPU (4.5 minutes here on 2 cores).
-# --no-deps keeps pip off torch; of its requirements only diskcache is not already installed.
+# --no-deps keeps pip off torch; of its requirements only diskcache is not already installed;
+# --no-cache-dir: a wheel cached on another day's CPU (AVX-512) would not run on this one.
 LLAMACPP_VERSION := 0.3.36
-LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF
+# AMX off: on this VM's Sapphire Rapids CPU, -march=native compiles ggml's AMX matmul, whose first
+# ldtilecfg faults (general protection fault in ggml_backend_amx_mul_mat, every Q4_0/Q8_0 file);
+# gcc's -mno-amx-* win over -march=native whatever their order, and are harmless without AMX.
+LLAMACPP_NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF \
+	-DCMAKE_C_FLAGS='$(LLAMACPP_NO_AMX)' -DCMAKE_CXX_FLAGS='$(LLAMACPP_NO_AMX)'
 llamacpp: $(STAMP)
 	$(PY) -m pip install -q --no-deps diskcache==5.6.3
-	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(PY) -m pip install --no-deps --no-binary llama-cpp-python \
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(PY) -m pip install --no-deps --no-cache-dir --no-binary llama-cpp-python \
 		llama-cpp-python==$(LLAMACPP_VERSION)
 	$(PY) -c "import torch, llama_cpp, numpy, jinja2, diskcache, typing_extensions; \
 		assert torch.__version__.startswith('2.13.0'), torch.__version__; print('llama_cpp', llama_cpp.__version__)"
