@@ -64,7 +64,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         copy.deepcopy(source.model).to(torch.bfloat16).save_pretrained(folder)
-        print(f"{'method':<10} {'windows':>7} {'fp32':>8} {'bf16->fp32':>10} {'bf16 path':>9} {'(eval fp32)':>11} {'ratio':>7}")
+        print(f"{'method':<10} {'windows':>7} {'fp32':>8} {'bf16->fp32':>10} {'bf16 path':>9} {'(eval fp32)':>11} "
+              f"{'ratio':>7}")
         for method in args.methods:
             r = measure(method, source, folder, ctx)
             rows.append(r)

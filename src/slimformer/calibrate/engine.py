@@ -110,7 +110,8 @@ def capture_first_block_inputs(model: nn.Module, windows: torch.Tensor, batch_si
         return forward
 
     saved = [block.__dict__.get("forward") for block in blocks]  # an instance forward (a hook library's) is put back
-    handles = [m.register_forward_pre_hook(_upcast_first(dtype)) for m in _rotary_tables(model, blocks)] if precise_tables else []
+    tables = _rotary_tables(model, blocks) if precise_tables else []
+    handles = [m.register_forward_pre_hook(_upcast_first(dtype)) for m in tables]
     try:
         for index, block in enumerate(blocks):
             block.forward = recorder(index)
