@@ -62,15 +62,16 @@ def _quant_modifier(scheme: dict | str, **kw: Any) -> Any:
     return QuantizationModifier(config_groups=scheme, ignore=["lm_head"], **kw)
 
 
-def llmc_gptq(group: int, bypass: bool = False, bits: int = 4, actorder: str | None = "static") -> PeerFn:
+def llmc_gptq(group: int, bypass: bool = False, bits: int = 4) -> PeerFn:
     """GPTQModifier, asymmetric, our GPTQ's defaults (damp 0.01, block 128, act-order "static":
-    columns by decreasing Hessian diagonal, group scales from the original weights, as ours)."""
+    columns by decreasing Hessian diagonal, group scales from the original weights, as ours; the
+    docs' "act-order off" peer rows ran with actorder=None)."""
 
     def run(model: nn.Module, bench: Bench) -> tuple[Any, list[str]]:
         from llmcompressor.modifiers.gptq import GPTQModifier
 
         mod = GPTQModifier(config_groups=_ct_scheme(_ct_weights(bits, group, False)), ignore=["lm_head"],
-                           dampening_frac=0.01, block_size=128, actorder=actorder, bypass_divisibility_checks=bypass)
+                           dampening_frac=0.01, block_size=128, actorder="static", bypass_divisibility_checks=bypass)
         _oneshot(model, bench, [mod], calibrate=True)
         notes = ["no counterpart to our sink_weight (first token of each window x128 in the Hessian)"]
         return model, notes + (["bypass_divisibility_checks=True"] if bypass else [])
