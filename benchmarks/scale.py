@@ -37,7 +37,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "llama3-8b": {**LLAMA3, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                   "num_attention_heads": 32, "tie_word_embeddings": False},
 }
-RECIPE = "steps: [{{method: gptq, bits: 4, group_size: 128, num_samples: {n}}}]"
+RECIPE = "steps: [{{method: gptq, bits: 4, group_size: {g}, num_samples: {n}}}]"
 
 
 def model_folder(name: str, workdir: Path) -> Path:
@@ -74,7 +74,64 @@ def _io() -> dict[str, int]:
     return out
 
 
-def worker(folder: Path, side: str, dtype: str, n: int) -> dict[str, Any]:
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class PhaseTrace:
+    """The peak resident set of each phase of a run, sampled every 20 ms by a thread: the load, the
+    capture of the first block's inputs, and each block's turn (its forwards and the method's work
+    on it), so a peak can be put down to where it happens. Phases are switched by wrapping the
+    engine's `capture_first_block_inputs` and `onloaded` (ours only; the peer's run is one phase)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.phase, self.peaks = "load", {"load": _rss_bytes()}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            rss = _rss_bytes()
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), rss)
+
+    def enter(self, phase: str) -> None:
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), _rss_bytes())
+        self.phase = phase
+
+    def hook_engine(self, blocks: list[Any]) -> None:
+        from contextlib import contextmanager
+
+        from slimformer.calibrate import engine
+
+        capture, onloaded = engine.capture_first_block_inputs, engine.onloaded
+        index = {id(b): i for i, b in enumerate(blocks)}
+
+        def traced_capture(*args: Any, **kwargs: Any) -> Any:
+            self.enter("capture")
+            return capture(*args, **kwargs)
+
+        @contextmanager
+        def traced_onloaded(block: Any, *args: Any, **kwargs: Any) -> Any:
+            self.enter(f"block {index.get(id(block), '?')}")
+            with onloaded(block, *args, **kwargs):
+                yield
+
+        engine.capture_first_block_inputs, engine.onloaded = traced_capture, traced_onloaded
+
+    def stop(self) -> dict[str, int]:
+        self.enter("end")
+        self._stop.set()
+        self._thread.join()
+        return {k: round(v / 1e6) for k, v in self.peaks.items()}
+
+
+def worker(folder: Path, side: str, dtype: str, n: int, group: int = 128) -> dict[str, Any]:
     """One run in this process: ours (`slimformer`) or llm-compressor's oneshot (`llm-compressor`)."""
     import torch
 
@@ -86,32 +143,38 @@ def worker(folder: Path, side: str, dtype: str, n: int) -> dict[str, Any]:
     from slimformer.recipe import Recipe
 
     torch.manual_seed(0)
+    trace = PhaseTrace()
     start = time.perf_counter()
     bundle = load_bundle(folder, dtype=dtype)
     loaded = time.perf_counter() - start
+    trace.enter("setup")
     ctx = StepContext(tokenizer=bundle.tokenizer, calib=load_data("lee-news", "calib"), progress=False)
     blocks = len(find_blocks(bundle.model)[1])
     params = sum(p.numel() for p in bundle.model.parameters())
     t0 = time.perf_counter()
     if side == "slimformer":
-        Recipe.coerce(RECIPE.format(n=n)).apply(bundle.model, ctx)
+        trace.hook_engine(find_blocks(bundle.model)[1])
+        Recipe.coerce(RECIPE.format(n=n, g=group)).apply(bundle.model, ctx)
     else:
+        trace.enter("peer")
         from types import SimpleNamespace
 
         sys.path.insert(0, str(Path(__file__).parent))
         from peer_llmcompressor import llmc_gptq
 
         bench = SimpleNamespace(calib_windows=ctx.calibration_windows(n, 512, "gptq"), cache={})
-        llmc_gptq(128)(bundle.model, bench)
+        llmc_gptq(group)(bundle.model, bench)
     method_s = time.perf_counter() - t0
     io = _io()
-    return {"side": side, "dtype": dtype, "params": params, "blocks": blocks, "load_s": round(loaded, 2),
+    return {"side": side, "dtype": dtype, "group_size": group, "params": params, "blocks": blocks,
+            "load_s": round(loaded, 2),
             "method_s": round(method_s, 2), "s_per_block": round(method_s / blocks, 3),
-            "read_bytes": io["read_bytes"], "rchar": io["rchar"], **peak_memory()}
+            "read_bytes": io["read_bytes"], "rchar": io["rchar"], **peak_memory(),
+            "peak_rss_mb_by_phase": trace.stop()}
 
 
-def run_one(folder: Path, side: str, dtype: str, n: int) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", str(folder), side, dtype, str(n)]
+def run_one(folder: Path, side: str, dtype: str, n: int, group: int) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", str(folder), side, dtype, str(n), str(group)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         return {"side": side, "dtype": dtype, "error": done.stderr.strip().splitlines()[-1][:300]}
@@ -119,16 +182,18 @@ def run_one(folder: Path, side: str, dtype: str, n: int) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | side | dtype | params (M) | bf16 size (MB) | s / block | method (s) | peak RSS (MB) | "
-             "RSS / bf16 size | read (MB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | side | dtype | group | params (M) | bf16 size (MB) | s / block | method (s) | "
+             "peak while loading (MB) | peak RSS (MB) | RSS / bf16 size | read (MB) |", "|---" * 12 + "|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['side']} | {r['dtype']} | | | | | | | {r['error']} |")
+            lines.append(f"| {r['model']} | {r['side']} | {r['dtype']} | | | | | | | | | {r['error']} |")
             continue
         bf16 = r["params"] * 2
-        lines.append(f"| {r['model']} | {r['side']} | {r['dtype']} | {r['params'] / 1e6:.0f} | {bf16 / 1e6:.0f} | "
-                     f"{r['s_per_block']:.2f} | {r['method_s']:.0f} | {r['peak_rss_bytes'] / 1e6:.0f} | "
-                     f"{r['peak_rss_bytes'] / bf16:.2f} | {r['read_bytes'] / 1e6:.0f} |")
+        loaded = r.get("peak_rss_mb_by_phase", {}).get("load", "")
+        lines.append(f"| {r['model']} | {r['side']} | {r['dtype']} | {r.get('group_size', 128)} | "
+                     f"{r['params'] / 1e6:.0f} | {bf16 / 1e6:.0f} | {r['s_per_block']:.2f} | {r['method_s']:.0f} | "
+                     f"{loaded} | {r['peak_rss_bytes'] / 1e6:.0f} | {r['peak_rss_bytes'] / bf16:.2f} | "
+                     f"{r['read_bytes'] / 1e6:.0f} |")
     return "\n".join(lines)
 
 
@@ -153,12 +218,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        print(json.dumps(worker(Path(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]))))
+        print(json.dumps(worker(Path(sys.argv[2]), sys.argv[3], sys.argv[4], *map(int, sys.argv[5:7]))))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "smollm2-360m", "smollm2-1.7b"],
                         choices=["smollm2-135m", *CONFIGS])
     parser.add_argument("--calib-windows", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=128,
+                        help="64 for a peer run on SmolLM2-360M: llm-compressor refuses groups that do not divide 960")
     parser.add_argument("--fp32", action="store_true", help="also the fp32 whole-model path (--dtype float32)")
     parser.add_argument("--peer", nargs="*", default=[], help="models to run llm-compressor's GPTQModifier on")
     parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "slimformer" / "scale"))
@@ -172,13 +239,14 @@ def main() -> None:
         plan = [("slimformer", "auto")] + ([("slimformer", "float32")] if args.fp32 else []) + \
             ([("llm-compressor", "auto")] if name in args.peer else [])
         for side, dtype in plan:
-            row = {"model": name, **run_one(folder, side, dtype, args.calib_windows)}
+            row = {"model": name, **run_one(folder, side, dtype, args.calib_windows, args.group_size)}
             print(json.dumps(row), flush=True)
             rows.append(row)
     print("\n" + table(rows))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"calib_windows": args.calib_windows, "rows": rows}, indent=2))
+    summary = {"calib_windows": args.calib_windows, "group_size": args.group_size, "rows": rows}
+    out.write_text(json.dumps(summary, indent=2))
     plot(rows, out.with_suffix(".png"))
 
 

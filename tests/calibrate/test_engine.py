@@ -7,7 +7,9 @@ import torch
 import transformers
 from tiny import tiny_llama  # tests/tiny.py
 
-from slimformer.calibrate.engine import BlockInputs, capture_first_block_inputs, observe_linears, run_layerwise
+from slimformer.calibrate.engine import (
+    BlockInputs, activations_fit, capture_first_block_inputs, observe_linears, run_layerwise,
+)
 from slimformer.models.layout import find_blocks
 
 
@@ -108,3 +110,32 @@ def test_engine_gives_each_block_its_own_mask_and_rope(family: str) -> None:
         hidden = model(input_ids=windows, output_hidden_states=True, use_cache=False).hidden_states
     for index in range(config.num_hidden_layers - 1):  # the last entry of hidden_states has the final norm applied
         assert torch.allclose(outputs[index], hidden[index + 1], atol=1e-4), f"block {index} ({config.layer_types[index]})"
+
+
+def test_activations_fit_keeps_twice_their_bytes_within_half_the_free_memory() -> None:
+    """The spill rule: inputs and outputs are alive together (2x), and half the free memory is
+    left for the block and the method. 3 x 4 x 8 fp32 = 384 bytes of inputs, shared table once."""
+    table = torch.zeros(8)
+    calls = [((torch.zeros(4, 8), table), {"mask": table}) for _ in range(3)]  # 3 * 128 + 32 bytes
+    nbytes = 3 * 128 + 32
+    cuda = torch.device("cuda")
+    assert activations_fit(calls, cuda, free_bytes=4 * nbytes)
+    assert not activations_fit(calls, cuda, free_bytes=4 * nbytes - 1)
+    assert activations_fit(calls, cuda, dtype=torch.bfloat16, free_bytes=2 * nbytes)  # counted in bf16
+    assert activations_fit(calls, torch.device("cpu"))  # the host is where they spill to
+
+
+def test_spilled_inputs_give_the_same_outputs_block_after_block() -> None:
+    """Inputs kept on the host and moved batch by batch (the spill path) give every block exactly
+    the outputs the resident path gives, and stay spilled as they advance."""
+    model = tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=3, max_position_embeddings=2048)
+    windows = torch.randint(0, 64, (5, 24))
+    cpu = torch.device("cpu")
+    resident = capture_first_block_inputs(model, windows, batch_size=2, device=cpu, spill=False)
+    spilled = capture_first_block_inputs(model, windows, batch_size=2, device=cpu, spill=True)
+    assert resident.spilled_to is None and spilled.spilled_to == cpu
+    for block in find_blocks(model)[1]:
+        a, b = resident.run(block), spilled.run(block)
+        assert len(a) == 3 and all(torch.equal(x, y) and y.device == cpu for x, y in zip(a, b))
+        resident, spilled = resident.advance(a), spilled.advance(b)
+        assert spilled.spilled_to == cpu

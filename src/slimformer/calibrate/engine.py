@@ -20,7 +20,9 @@ from slimformer.checkpoint import BlockCheckpoint
 from slimformer.context import StepContext, track
 from slimformer.errors import UserError
 from slimformer.models.layout import find_blocks
-from slimformer.models.placement import compute_dtype_for, model_dtype, onloaded, release_host_memory, to_device
+from slimformer.models.placement import (
+    HOST, compute_dtype_for, model_dtype, onloaded, release_host_memory, to_device,
+)
 
 
 class _Captured(Exception):
@@ -36,15 +38,24 @@ class BlockInputs:
 
     calls: list[tuple[tuple, dict[str, Any]]]
     later: list[list[tuple[tuple, dict[str, Any]]]] = field(default_factory=list)
+    spilled_to: torch.device | None = None  # set when the calls are kept on the host for a device they do not fit on
+
+    def batches(self) -> Iterator[tuple[tuple, dict[str, Any]]]:
+        """Each batch's call arguments, where the blocks compute (moved there one batch at a time
+        when the activations are spilled to the host)."""
+        for args, kwargs in self.calls:
+            yield (args, kwargs) if self.spilled_to is None else to_device((args, kwargs), self.spilled_to, memo={})
 
     def run(self, block: nn.Module) -> list[torch.Tensor]:
-        """Hidden-state outputs of `block` for every batch."""
+        """Hidden-state outputs of `block` for every batch (kept where the inputs are kept)."""
         with torch.inference_mode():
-            return [_hidden(block(*args, **kwargs)) for args, kwargs in self.calls]
+            out = [_hidden(block(*args, **kwargs)) for args, kwargs in self.batches()]
+        return out if self.spilled_to is None else [h.to(HOST) for h in out]
 
     def replace_hidden(self, hidden: list[torch.Tensor]) -> "BlockInputs":
         """The same calls with new hidden states."""
-        return BlockInputs([_with_hidden(args, kwargs, h) for (args, kwargs), h in zip(self.calls, hidden)], self.later)
+        calls = [_with_hidden(args, kwargs, h) for (args, kwargs), h in zip(self.calls, hidden)]
+        return BlockInputs(calls, self.later, self.spilled_to)
 
     def advance(self, hidden: list[torch.Tensor]) -> "BlockInputs":
         """The next block's inputs: `hidden` (this block's outputs) with the next block's own other
@@ -52,7 +63,7 @@ class BlockInputs:
         if not self.later:
             return self.replace_hidden(hidden)
         calls = [_with_hidden(args, kwargs, h) for (args, kwargs), h in zip(self.later[0], hidden)]
-        return BlockInputs(calls, self.later[1:])
+        return BlockInputs(calls, self.later[1:], self.spilled_to)
 
 
 def _with_hidden(args: tuple, kwargs: dict[str, Any], hidden: torch.Tensor | None) -> tuple[tuple, dict[str, Any]]:
@@ -77,7 +88,8 @@ def _like(output: Any, hidden: torch.Tensor) -> Any:
 
 
 def capture_first_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int = 8,
-                               device: torch.device | None = None, dtype: torch.dtype | None = None) -> BlockInputs:
+                               device: torch.device | None = None, dtype: torch.dtype | None = None,
+                               spill: bool | None = None) -> BlockInputs:
     """Run the model's embedding stage on `windows` (n, T) where the model is, and record every
     block's call arguments: block 0's in full, the later blocks' without their hidden states (moved
     to `device`, floating tensors cast to `dtype` when given: the blocks compute there, in that
@@ -90,7 +102,10 @@ def capture_first_block_inputs(model: nn.Module, windows: torch.Tensor, batch_si
     With `dtype` above the model's own (a bf16 model calibrating in fp32), the model-level rotary
     tables are computed in `dtype` too: Hugging Face rounds cos/sin to the hidden states' dtype, and
     calibrating on bf16-rounded tables cost 1.6-1.8% perplexity on SmolLM2 (SparseGPT 50%, GPTQ W4)
-    against the same checkpoint calibrated in fp32."""
+    against the same checkpoint calibrated in fp32.
+
+    When the recorded inputs do not fit on `device` (`activations_fit`; `spill` forces the choice),
+    they are kept in host memory and each batch moves to the device for its turn (`BlockInputs.batches`)."""
     _, blocks = find_blocks(model)
     calls: list[list[tuple[tuple, dict[str, Any]]]] = [[] for _ in blocks]
     real = blocks[0].forward
@@ -129,8 +144,37 @@ def capture_first_block_inputs(model: nn.Module, windows: torch.Tensor, batch_si
             del block.forward
             if forward is not None:
                 block.forward = forward
-    first, *later = to_device(calls, device, dtype, memo={})
-    return BlockInputs(first, later)
+    if spill is None:
+        spill = device is not None and not activations_fit(calls, device, dtype)
+    first, *later = to_device(calls, HOST if spill else device, dtype, memo={})
+    return BlockInputs(first, later, device if spill else None)
+
+
+def _tensor_bytes(obj: Any, dtype: torch.dtype | None, seen: set[int]) -> int:
+    if isinstance(obj, torch.Tensor):
+        if id(obj) in seen:
+            return 0
+        seen.add(id(obj))
+        size = (dtype if dtype is not None and obj.is_floating_point() else obj.dtype).itemsize
+        return obj.numel() * size
+    if isinstance(obj, (tuple, list)):
+        return sum(_tensor_bytes(x, dtype, seen) for x in obj)
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(x, dtype, seen) for x in obj.values())
+    return 0
+
+
+def activations_fit(calls: Any, device: torch.device, dtype: torch.dtype | None = None,
+                    free_bytes: int | None = None) -> bool:
+    """Whether the recorded block inputs `calls` fit on `device` next to a block's outputs and its
+    work: twice their bytes (inputs and outputs are alive together) within half the free memory
+    (the rest for the block, its Hessians and the method's workspace). The host always fits: it
+    is where they would spill to."""
+    if device.type != "cuda" and free_bytes is None:
+        return True
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    return 2 * _tensor_bytes(calls, dtype, set()) <= free_bytes // 2
 
 
 def _rotary_tables(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
@@ -253,7 +297,7 @@ def observe_linears(
         handles.append(layer.register_forward_pre_hook(lambda m, a, _name=name: hook(m, a, _name)))
     try:
         with torch.inference_mode():
-            for batch, (args, kwargs) in enumerate(inputs.calls):
+            for batch, (args, kwargs) in enumerate(inputs.batches()):
                 fired.clear()
                 try:
                     block(*args, **kwargs)

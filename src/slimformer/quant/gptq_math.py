@@ -40,7 +40,7 @@ def gptq_factor(h: Tensor, damp: float, act_order: bool) -> tuple[Tensor, Tensor
     """(column order, upper Cholesky factor of the damped H^-1 in that order): what `gptq_quantize`
     walks. It depends on H alone, so layers sharing one Hessian can share it (`factor=`)."""
     order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(h.shape[0], device=h.device)
-    return order, inverse_hessian_factor(h[order][:, order], damp)
+    return order, inverse_hessian_factor(h, damp, order)
 
 
 def gptq_quantize(
