@@ -3,7 +3,8 @@ block at a time: wall time per block, peak RSS, bytes read, against the fp32 who
 llm-compressor's sequential pipeline (issue 17; numbers in docs/scale.md).
 
     python benchmarks/scale.py [--models smollm2-135m smollm2-360m ...] [--calib-windows 4]
-        [--fp32] [--peer] [--json out/scale.json]
+        [--group-size 128] [--fp32 MODEL ...] [--peer MODEL ...] [--json out/scale.json]
+    python benchmarks/scale.py --merge out/a.json out/b.json --json out/scale.json
 
 SmolLM2-135M is the real checkpoint (cast to bf16); the others are built from their published
 configs with random weights (`slimformer.models.synthetic`), written once as bf16 safetensors to
@@ -150,6 +151,7 @@ def worker(folder: Path, side: str, dtype: str, n: int, group: int = 128) -> dic
     trace.enter("setup")
     ctx = StepContext(tokenizer=bundle.tokenizer, calib=load_data("lee-news", "calib"), progress=False)
     blocks = len(find_blocks(bundle.model)[1])
+    block_params = sum(p.numel() for p in find_blocks(bundle.model)[1][0].parameters())
     params = sum(p.numel() for p in bundle.model.parameters())
     t0 = time.perf_counter()
     if side == "slimformer":
@@ -166,7 +168,7 @@ def worker(folder: Path, side: str, dtype: str, n: int, group: int = 128) -> dic
         llmc_gptq(group)(bundle.model, bench)
     method_s = time.perf_counter() - t0
     io = _io()
-    return {"side": side, "dtype": dtype, "group_size": group, "params": params, "blocks": blocks,
+    return {"side": side, "dtype": dtype, "group_size": group, "params": params, "blocks": blocks, "block_params": block_params,
             "load_s": round(loaded, 2),
             "method_s": round(method_s, 2), "s_per_block": round(method_s / blocks, 3),
             "read_bytes": io["read_bytes"], "rchar": io["rchar"], **peak_memory(),
@@ -197,19 +199,33 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _block_params(row: dict[str, Any]) -> int:
+    """Parameters of one block (rows from before the worker recorded it: from the config)."""
+    if "block_params" in row:
+        return row["block_params"]
+    c = {**CONFIGS, "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+                                     "num_key_value_heads": 3, "head_dim": 64}}[row["model"]]
+    h, q, kv = c["hidden_size"], c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
+    return 2 * h * q + 2 * h * kv + 3 * h * c["intermediate_size"] + 2 * h
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, c, b) = plt.subplots(1, 3, figsize=(15, 4))
     for (side, dtype), marker in zip(sorted({(r["side"], r["dtype"]) for r in rows if "error" not in r}), "osd^"):
-        pts = sorted((r["params"] / 1e9, r) for r in rows if (r["side"], r["dtype"]) == (side, dtype) and "error" not in r)
+        pts = sorted(((r["params"] / 1e9, r) for r in rows if (r["side"], r["dtype"]) == (side, dtype) and "error" not in r),
+                     key=lambda t: t[0])
         xs = [x for x, _ in pts]
         a.plot(xs, [r["s_per_block"] for _, r in pts], marker=marker, label=f"{side} {dtype}")
         b.plot(xs, [r["peak_rss_bytes"] / 1e9 for _, r in pts], marker=marker, label=f"{side} {dtype}")
+        c.plot([_block_params(r) / 1e6 for _, r in pts], [r["s_per_block"] for _, r in pts], marker=marker,
+               label=f"{side} {dtype}")
     a.set(xlabel="parameters (B)", ylabel="GPTQ s / block", title="time per block")
+    c.set(xlabel="parameters per block (M)", ylabel="GPTQ s / block", title="time against block size")
     b.set(xlabel="parameters (B)", ylabel="peak RSS (GB)", title="peak RSS")
     a.legend()
     fig.tight_layout()
@@ -226,17 +242,26 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=128,
                         help="64 for a peer run on SmolLM2-360M: llm-compressor refuses groups that do not divide 960")
-    parser.add_argument("--fp32", action="store_true", help="also the fp32 whole-model path (--dtype float32)")
+    parser.add_argument("--fp32", nargs="*", default=[],
+                        help="models to also run on the fp32 whole-model path (--dtype float32)")
     parser.add_argument("--peer", nargs="*", default=[], help="models to run llm-compressor's GPTQModifier on")
     parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "slimformer" / "scale"))
     parser.add_argument("--json", default="out/scale.json")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="run nothing: one table and plot from the rows of earlier runs' JSON files")
     args = parser.parse_args()
+    if args.merge:
+        rows = [row for f in args.merge for row in json.loads(Path(f).read_text())["rows"]]
+        print(table(rows))
+        Path(args.json).write_text(json.dumps({"merged": args.merge, "rows": rows}, indent=2))
+        plot(rows, Path(args.json).with_suffix(".png"))
+        return
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.models:
         folder = model_folder(name, workdir)
-        plan = [("slimformer", "auto")] + ([("slimformer", "float32")] if args.fp32 else []) + \
+        plan = [("slimformer", "auto")] + ([("slimformer", "float32")] if name in args.fp32 else []) + \
             ([("llm-compressor", "auto")] if name in args.peer else [])
         for side, dtype in plan:
             row = {"model": name, **run_one(folder, side, dtype, args.calib_windows, args.group_size)}
