@@ -41,11 +41,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
 RECIPE = "steps: [{{method: gptq, bits: 4, group_size: {g}, num_samples: {n}}}]"
 
 
-def model_folder(name: str, workdir: Path) -> Path:
-    """The bf16 folder for `name`, written once."""
+def model_folder(name: str, workdir: Path, layers: int | None = None) -> Path:
+    """The bf16 folder for `name`, written once; with `layers`, the config cut to that many blocks
+    (a block's peak and time are its shape's: a 2-block 8B-shaped model shows the 8B's per-block
+    transient without the whole model)."""
     from slimformer.models.loading import resolve_folder
 
-    folder = workdir / name
+    folder = workdir / (name if layers is None else f"{name}-L{layers}")
     if (folder / "config.json").exists():
         return folder
     tokenizer = resolve_folder("smollm2-135m")  # SmolLM2's tokenizer also stands in for Llama 3's (ids < 49152)
@@ -62,7 +64,8 @@ def model_folder(name: str, workdir: Path) -> Path:
     else:
         from slimformer.models.synthetic import write_random_decoder
 
-        write_random_decoder(CONFIGS[name], tmp, tokenizer_from=tokenizer)
+        config = CONFIGS[name] if layers is None else {**CONFIGS[name], "num_hidden_layers": layers}
+        write_random_decoder(config, tmp, tokenizer_from=tokenizer)
     tmp.rename(folder)
     return folder
 
@@ -124,12 +127,33 @@ class PhaseTrace:
                 yield
 
         engine.capture_first_block_inputs, engine.onloaded = traced_capture, traced_onloaded
+        self._hook_gptq()
+
+    def _hook_gptq(self) -> None:
+        """Sub-phases inside a block: GPTQ's observation pass, each factor and each layer's sweep."""
+        from slimformer.quant import gptq
+
+        observe, factor, sweep = gptq.observe_linears, gptq.gptq_factor, gptq.gptq_quantize
+
+        def within(label: str, fn: Any) -> Any:
+            def traced(*args: Any, **kwargs: Any) -> Any:
+                block = self.phase.split(" / ")[0]
+                self.enter(f"{block} / {label} {tuple(args[0].shape)}" if label != "observe" else f"{block} / observe")
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    self.enter(block)
+            return traced
+
+        gptq.observe_linears, gptq.gptq_factor, gptq.gptq_quantize = (
+            within("observe", observe), within("factor", factor), within("sweep", sweep))
 
     def stop(self) -> dict[str, int]:
         self.enter("end")
         self._stop.set()
         self._thread.join()
-        return {k: round(v / 1e6) for k, v in self.peaks.items()}
+        # per block only the block's own peak and, for the first block, its sub-phases
+        return {k: round(v / 1e6) for k, v in self.peaks.items() if " / " not in k or k.startswith("block 0 /")}
 
 
 def worker(folder: Path, side: str, dtype: str, n: int, group: int = 128) -> dict[str, Any]:
@@ -245,6 +269,7 @@ def main() -> None:
     parser.add_argument("--fp32", nargs="*", default=[],
                         help="models to also run on the fp32 whole-model path (--dtype float32)")
     parser.add_argument("--peer", nargs="*", default=[], help="models to run llm-compressor's GPTQModifier on")
+    parser.add_argument("--layers", type=int, help="cut each config to this many blocks (a shape's per-block peak)")
     parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "slimformer" / "scale"))
     parser.add_argument("--json", default="out/scale.json")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
@@ -260,11 +285,12 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.models:
-        folder = model_folder(name, workdir)
+        folder = model_folder(name, workdir, args.layers)
         plan = [("slimformer", "auto")] + ([("slimformer", "float32")] if name in args.fp32 else []) + \
             ([("llm-compressor", "auto")] if name in args.peer else [])
         for side, dtype in plan:
-            row = {"model": name, **run_one(folder, side, dtype, args.calib_windows, args.group_size)}
+            row = {"model": name, **({"layers": args.layers} if args.layers else {}),
+                   **run_one(folder, side, dtype, args.calib_windows, args.group_size)}
             print(json.dumps(row), flush=True)
             rows.append(row)
     print("\n" + table(rows))
