@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from slimformer.calibrate.hessian_math import accumulate_hessian, gram, inverse_hessian_factor
+from slimformer.models.placement import peak_memory
 
 
 def test_hessian_running_mean_equals_batch() -> None:
@@ -60,10 +61,7 @@ def test_inverse_factor_in_an_order_is_the_factor_of_the_permuted_hessian() -> N
 
 
 def _peak_rss_mb() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
+    return peak_memory()["peak_rss_bytes"] / 2**20  # VmHWM on Linux
 
 
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's resettable peak RSS")

@@ -46,10 +46,10 @@ def inverse_hessian_factor(h: Tensor, damp: float, order: Tensor | None = None) 
 
     In fp64, with at most two (in, in) fp64 matrices alive at a time: each step writes over the
     one before it (a 14336-wide input, Llama-3-8B's down_proj, takes 1.6 GB per fp64 matrix, an
-    8192-wide one 0.54 GB; three were alive before). (The same
-    factor without the explicit inverse, a Cholesky of the reversed H and one triangular solve, is
-    2.75x fewer operations and left GPTQ's codes unchanged, but it moved SparseGPT's masks by
-    rounding, 1% on 24 windows; not adopted.)"""
+    8192-wide one 0.54 GB; three were alive before). (The same factor without the explicit
+    inverse, a Cholesky of the reversed H and one triangular solve, is 2.75x fewer operations and
+    left GPTQ's codes unchanged, but it moved SparseGPT's masks by rounding, 1% on 24 windows; not
+    adopted.)"""
     dead = torch.diag(h) == 0
     if order is not None:
         dead = dead[order]
