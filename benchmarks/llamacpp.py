@@ -181,19 +181,34 @@ def onnx_file(bundle: Any, work: Path) -> Path:
     return path
 
 
-def time_round(files: dict[str, dict[str, Any]], bundle: Any, onnx: Path, timing: BenchSettings) -> dict[str, Any]:
-    """One timing of everything, in a fixed order: {name: {"prefill_ms", "decode_ms"}}."""
+def time_round(files: dict[str, dict[str, Any]], bundle: Any, onnx: Path, timing: BenchSettings,
+               reverse: bool) -> dict[str, Any]:
+    """One timing of everything: {name: {"prefill_ms", "decode_ms"}}. The order is reversed on every
+    other round (`reverse`), so that a drift in the machine's speed over a round (measured here: the
+    later files of a round slower by up to 30%) does not favour the files timed first."""
     vocab = int(bundle.model.config.vocab_size)
+    jobs: list[tuple[str, Any]] = [("torch fp32", lambda: bench_torch_decoding_threads(bundle.model, vocab, timing)),
+                                   ("ONNX RTN 4-bit g32 (int8 compute)", lambda: bench_ort_decoding(
+                                       OrtModel(onnx, "decoder", threads=timing.threads), vocab, timing))]
+    for name, f in files.items():
+        jobs.append((name, lambda path=f["path"]: _time_gguf(path, timing)))
     out = {}
     with torch.inference_mode():
-        t = bench_torch_decoding_threads(bundle.model, vocab, timing)
-    out["torch fp32"] = t
-    t = bench_ort_decoding(OrtModel(onnx, "decoder", threads=timing.threads), vocab, timing)
-    out["ONNX RTN 4-bit g32 (int8 compute)"] = t
-    for name, f in files.items():
-        with GgufModel(f["path"], threads=timing.threads, n_ctx=8) as m:
-            out[name] = m.time_decoding(timing.prefill, timing.runs, timing.warmup)
+        for name, job in reversed(jobs) if reverse else jobs:
+            out[name] = job()
     return {k: {"prefill_ms": v["prefill"]["median_ms"], "decode_ms": v["decode"]["median_ms"]} for k, v in out.items()}
+
+
+def _time_gguf(path: Path, timing: BenchSettings) -> dict[str, Any]:
+    with GgufModel(path, threads=timing.threads, n_ctx=8) as m:
+        return m.time_decoding(timing.prefill, timing.runs, timing.warmup)
+
+
+def paired_ratio(rounds: list[dict[str, Any]], name: str, reference: str, key: str = "decode_ms") -> float | None:
+    """Median over rounds of (name's time / reference's time in the same round): a pairwise ratio, so
+    that the machine's round-to-round drift (which moves both) cancels."""
+    pairs = [one[name][key] / one[reference][key] for one in rounds if name in one and reference in one]
+    return round(statistics.median(pairs), 3) if pairs else None
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -217,7 +232,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     load = wait_quiet(args.quiet_load, args.quiet_wait) if args.rounds else None
     rounds = []
     for r in range(args.rounds):
-        rounds.append(time_round(files, bundle, onnx, timing))
+        rounds.append(time_round(files, bundle, onnx, timing, reverse=r % 2 == 1))
         print(f"  timing round {r + 1}/{args.rounds} done", flush=True)
     for name in rounds[0] if rounds else ():
         for key in ("prefill_ms", "decode_ms"):
@@ -227,7 +242,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return {"model": args.model, "eval": args.eval, "windows": int(windows.shape[0]), "threads": args.threads,
             "prefill": args.prefill, "rounds": args.rounds, "calibration": f"{args.samples} x {args.seq_len}",
             "load_before_timing": load, "load_after_timing": round(os.getloadavg()[0], 2),
-            "rows": rows, "goals": goals(rows), "environment": environment()}
+            "rows": rows, "goals": goals(rows, rounds), "environment": environment()}
 
 
 def wait_quiet(limit: float, patience_s: float) -> float:
@@ -240,11 +255,12 @@ def wait_quiet(limit: float, patience_s: float) -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def goals(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def goals(rows: dict[str, dict[str, Any]], rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """The issue's goals, for each of our calibrated Q4_0 files (GPTQ, AWQ), on this run's rows:
     perplexity below llama.cpp's own Q4_0 and Q4_K_M (with and without its importance matrix; Q4_K_M
-    at a smaller file), decode against llama.cpp's Q4_0, our ONNX 4-bit and torch fp32, and the share
-    of the compression time spent writing the file. None where a row is missing."""
+    at a smaller file), decode against llama.cpp's Q4_0, our ONNX 4-bit and torch fp32 (each the median
+    of the per-round ratios, `paired_ratio`), and the share of the compression time spent writing the
+    file. None where a row is missing."""
     def ratio(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else round(a / b, 3)
 
@@ -257,10 +273,12 @@ def goals(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
             if theirs in rows:
                 smaller = row["size_bytes"] < rows[theirs]["size_bytes"] or "Q4_0" in theirs
                 one[f"below {theirs}"] = row["ppl"] < rows[theirs]["ppl"] and smaller
-        decode = row.get("decode_ms")
-        one["decode / llama.cpp Q4_0"] = ratio(decode, rows.get("llama.cpp Q4_0", {}).get("decode_ms"))
-        one["ONNX 4-bit decode / ours"] = ratio(rows.get("ONNX RTN 4-bit g32 (int8 compute)", {}).get("decode_ms"), decode)
-        one["torch fp32 decode / ours"] = ratio(rows.get("torch fp32", {}).get("decode_ms"), decode)
+        one["decode / llama.cpp Q4_0"] = paired_ratio(rounds, name, "llama.cpp Q4_0")
+        one["decode / llama.cpp Q4_0 + imatrix"] = paired_ratio(rounds, name, "llama.cpp Q4_0 + imatrix")
+        onnx = paired_ratio(rounds, name, "ONNX RTN 4-bit g32 (int8 compute)")
+        fp32 = paired_ratio(rounds, name, "torch fp32")
+        one["ONNX 4-bit decode / ours"] = None if onnx is None else round(1 / onnx, 3)
+        one["torch fp32 decode / ours"] = None if fp32 is None else round(1 / fp32, 3)
         one["write / compression time"] = ratio(row.get("write_s"), row.get("compress_s"))
         out[name] = one
     return out

@@ -26,8 +26,9 @@ class GPTQConfig(TargetedConfig):
     Hessian diagonal added for stability. act_order (default on, as in llm-compressor's "static"):
     quantize columns by decreasing activation energy, group scales from the original weights; it
     measured lower perplexity in every W3/W4 cell of docs/quantization.md. scale_search: choose each
-    group's range shrink (1.0 down to 0.8) by the Hessian-diagonal-weighted error, llama.cpp's
-    importance-matrix rule (groups only). num_samples and
+    group's scale (and float minimum) by the Hessian-diagonal-weighted error among ranges of 1.15 down
+    to 0.8 times the group's and their least-squares refits, llama.cpp's importance-matrix rule
+    (groups only). num_samples and
     seq_len: calibration windows (default 64 x 512, docs/design.md)."""
 
     bits: int = 4

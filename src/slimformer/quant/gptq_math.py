@@ -11,29 +11,65 @@ from torch import Tensor
 from slimformer.calibrate.hessian_math import inverse_hessian_factor
 from slimformer.quant.qscheme import QParams, check_scheme, compute_qparams, decode, encode, n_groups, rule_of
 
-SEARCH_CLIPS = torch.linspace(1.0, 0.8, 21)  # range shrink factors `scale_search` tries per group and row
+# range factors `scale_search` tries per group and row: llama.cpp's Q4_0 search spans d = max / 8.9 .. max / 7.1
+# (0.9..1.13 of its max / -8); we also try shrinking to 0.8, where heavy-tailed rows gain (tests/quant)
+SEARCH_CLIPS = tuple(round(1.15 - 0.01 * k, 2) for k in range(36))  # 1.0 exactly among them
 
 
 def searched_group(wg: Tensor, importance: Tensor, bits: int, symmetric: bool, rules: dict[str, str]
                    ) -> tuple[list[Tensor], list[Tensor]]:
     """Encoder and decoder pairs ((out,) each) for one group of weights `wg` (out, g): per row, the
-    range shrink among SEARCH_CLIPS whose codes minimise the importance-weighted squared error
-    sum_j importance_j (w_j - w^_j)^2. This is what llama.cpp's quantizer does with an importance
-    matrix (its weights are the inputs' mean squares); GPTQ passes its Hessian diagonal, the same thing."""
+    parameters with the lowest importance-weighted squared error sum_j importance_j (w_j - w^_j)^2
+    among, for each range factor in SEARCH_CLIPS, the min/max parameters of that range and their
+    weighted least-squares refit (`_refit`: the scale, and for the float rule the minimum, that fit
+    the range's codes best, with codes then re-rounded under them). This is what llama.cpp's
+    quantizer does with an importance matrix (its weights are the inputs' mean squares: GPTQ passes
+    its Hessian diagonal, the same thing); its search tries the refit only."""
     rule = rule_of(rules["scale_rule"], rules["zero_point"])
     best_err, best = None, []
-    for clip in SEARCH_CLIPS.tolist():
+    for clip in SEARCH_CLIPS:
         qp = compute_qparams(wg, bits, -1, symmetric, clip=clip, **rules)
         enc, dec = qp.encoder(), qp.decoder()
-        err = ((wg - decode(encode(wg, enc, bits, symmetric, rule), dec, rule)) ** 2 * importance).sum(1)  # (out,)
-        pairs = [t[:, 0] for t in enc + dec]
-        if best_err is None:
-            best_err, best = err, pairs
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = [torch.where(better, new, old) for new, old in zip(pairs, best)]
+        q = encode(wg, enc, bits, symmetric, rule)
+        for enc, dec in ((enc, dec), _refit(wg, q, importance, dec, rule)):
+            err = ((wg - decode(encode(wg, enc, bits, symmetric, rule), dec, rule)) ** 2 * importance).sum(1)  # (out,)
+            pairs = [t[:, 0] for t in (*enc, *dec)]
+            if best_err is None:
+                best_err, best = err, pairs
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = [torch.where(better, new, old) for new, old in zip(pairs, best)]
     return best[:2], best[2:]
+
+
+def _refit(wg: Tensor, q: Tensor, importance: Tensor, dec: tuple[Tensor, Tensor], rule: str
+           ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """(encoder, decoder) pairs (out, 1) whose decoder fits codes q (out, g) to wg best in the
+    importance-weighted least-squares sense, rounded to fp16 as stored: the scale alone (w^ = (q - z) d
+    with the zero point z kept, or w^ = d q for signed_max), or scale and minimum (float rule: w^ =
+    d q + m, a weighted linear regression). Rows whose fit is degenerate keep `dec`."""
+    imp = importance.reshape(1, -1)
+    if rule == "float":
+        def wsum(t: Tensor) -> Tensor:
+            return (imp * t).sum(1, keepdim=True)
+
+        s0, s1, s2, t0, t1 = wsum(torch.ones_like(q)), wsum(q), wsum(q * q), wsum(wg), wsum(q * wg)
+        det = s0 * s2 - s1 * s1
+        ok = det.abs() > 1e-12 * s0 * s2
+        d = torch.where(ok, (s0 * t1 - s1 * t0) / torch.where(ok, det, torch.ones_like(det)), dec[0])
+        m = torch.where(ok, (s2 * t0 - s1 * t1) / torch.where(ok, det, torch.ones_like(det)), dec[1])
+        d, m = d.half().float(), m.half().float()
+        inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+        return (inv, m), (d, m)
+    u = q - dec[1]  # codes minus the zero point (0 for symmetric and signed_max)
+    num, den = (imp * wg * u).sum(1, keepdim=True), (imp * u * u).sum(1, keepdim=True)
+    d = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), dec[0]).half().float()
+    if rule == "affine":
+        d = torch.where(d > 0, d, dec[0])  # an affine scale stays positive
+        return (d, dec[1]), (d, dec[1])
+    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    return (inv, torch.zeros_like(d)), (d, dec[1])
 
 
 def gptq_factor(h: Tensor, damp: float, act_order: bool) -> tuple[Tensor, Tensor]:
