@@ -174,3 +174,19 @@ def test_scale_search_needs_groups() -> None:
     assert GPTQConfig(scale_search=True).act_order  # act-order is the default, and the search goes with it
     with pytest.raises(UserError, match="scale_search"):
         GPTQConfig(scale_search=True, group_size=-1)
+
+
+@pytest.mark.parametrize("in_features, group_size", [(192, 32), (200, 64)])
+def test_static_group_search_equals_the_search_of_each_group(in_features: int, group_size: int) -> None:
+    """The act-order path searches all groups at once, a few per chunk: its parameters equal
+    `searched_group` run on each group alone, bit for bit, a shorter last group included."""
+    from slimformer.quant.gptq_math import _searched_static_groups, searched_group
+
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((24, in_features))
+    importance = torch.rand(in_features) + 0.1
+    rules = {"scale_rule": "signed_max", "zero_point": "int"}
+    enc, dec = _searched_static_groups(w, importance, 4, group_size, True, rules, chunk_elements=24 * group_size * 2)
+    for g, c in enumerate(range(0, in_features, group_size)):
+        e, d = searched_group(w[:, c : c + group_size], importance[c : c + group_size], 4, True, rules)
+        assert all(torch.equal(mine[g], one) for mine, one in zip(enc + dec, e + d))

@@ -18,7 +18,8 @@ SEARCH_CLIPS = tuple(round(1.15 - 0.01 * k, 2) for k in range(36))  # 1.0 exactl
 
 def searched_group(wg: Tensor, importance: Tensor, bits: int, symmetric: bool, rules: dict[str, str]
                    ) -> tuple[list[Tensor], list[Tensor]]:
-    """Encoder and decoder pairs ((out,) each) for one group of weights `wg` (out, g): per row, the
+    """Encoder and decoder pairs ((out,) each) for one group of weights `wg` (out, g) with column
+    importances (g,) or per row (out, g): per row, the
     parameters with the lowest importance-weighted squared error sum_j importance_j (w_j - w^_j)^2
     among, for each range factor in SEARCH_CLIPS, the min/max parameters of that range and their
     weighted least-squares refit (`_refit`: the scale, and for the float rule the minimum, that fit
@@ -49,7 +50,7 @@ def _refit(wg: Tensor, q: Tensor, importance: Tensor, dec: tuple[Tensor, Tensor]
     importance-weighted least-squares sense, rounded to fp16 as stored: the scale alone (w^ = (q - z) d
     with the zero point z kept, or w^ = d q for signed_max), or scale and minimum (float rule: w^ =
     d q + m, a weighted linear regression). Rows whose fit is degenerate keep `dec`."""
-    imp = importance.reshape(1, -1)
+    imp = importance if importance.dim() == 2 else importance.reshape(1, -1)  # (rows | 1, g)
     if rule == "float":
         def wsum(t: Tensor) -> Tensor:
             return (imp * t).sum(1, keepdim=True)
@@ -106,10 +107,7 @@ def gptq_quantize(
     static = group_size <= 0 or act_order
     diag = torch.diag(h).float()  # the importance of each input column, for scale_search
     if static and scale_search:  # act-order groups: each searched once, on the original weights
-        pairs = [_group_params(w[:, c : c + group_size], diag[c : c + group_size], bits, symmetric, rules, True)
-                 for c in range(0, in_f, group_size)]
-        enc_t = [torch.stack([p[0][k] for p in pairs]) for k in range(2)]
-        dec_t = [torch.stack([p[1][k] for p in pairs]) for k in range(2)]
+        enc_t, dec_t = _searched_static_groups(w, diag, bits, group_size, symmetric, rules)
     else:
         qp = compute_qparams(w.float(), bits, group_size, symmetric, **rules)  # static params (used unless refreshed)
         # per group, transposed to (n_groups, out): encoder pair (codes), decoder pair (weights)
@@ -150,6 +148,33 @@ def gptq_quantize(
         wt[i2:] -= hinv[i1:i2, i2:].t() @ err1
     codes = codes_t.t()[:, torch.argsort(perm)].to(torch.int16)
     return codes, _final_qparams(dec_t, bits, group_size, symmetric, scale_rule, zero_point)
+
+
+def _searched_static_groups(w: Tensor, importance: Tensor, bits: int, group_size: int, symmetric: bool,
+                            rules: dict[str, str], chunk_elements: int = 1 << 22) -> tuple[list[Tensor], list[Tensor]]:
+    """`searched_group` for every group of w (out, in) at once, as (n_groups, out) encoder and decoder
+    pairs: the groups' rows stacked into one (groups x out, g) search, a few groups at a time so the
+    search's temporaries stay within about `chunk_elements` floats each; a shorter last group alone."""
+    out_f, in_f = w.shape
+    full = in_f // group_size
+    per_chunk = max(1, chunk_elements // (out_f * group_size))
+    enc: list[list[Tensor]] = [[], []]
+    dec: list[list[Tensor]] = [[], []]
+    for g0 in range(0, full, per_chunk):
+        n = min(per_chunk, full - g0)
+        cols = slice(g0 * group_size, (g0 + n) * group_size)
+        wg = w[:, cols].reshape(out_f, n, group_size).transpose(0, 1).reshape(n * out_f, group_size)
+        imp = importance[cols].reshape(n, 1, group_size).expand(n, out_f, group_size).reshape(n * out_f, group_size)
+        e, d = searched_group(wg, imp, bits, symmetric, rules)
+        for k in range(2):
+            enc[k].append(e[k].reshape(n, out_f))
+            dec[k].append(d[k].reshape(n, out_f))
+    if full * group_size < in_f:  # the shorter last group
+        e, d = searched_group(w[:, full * group_size :], importance[full * group_size :], bits, symmetric, rules)
+        for k in range(2):
+            enc[k].append(e[k].unsqueeze(0))
+            dec[k].append(d[k].unsqueeze(0))
+    return [torch.cat(t) for t in enc], [torch.cat(t) for t in dec]
 
 
 def _group_params(wg: Tensor, importance: Tensor, bits: int, symmetric: bool, rules: dict[str, str],
