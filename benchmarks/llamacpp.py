@@ -230,9 +230,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     timing = BenchSettings(runtime="onnxruntime", runs=args.runs, warmup=args.warmup, prefill=args.prefill,
                            threads=args.threads)
     load = wait_quiet(args.quiet_load, args.quiet_wait) if args.rounds else None
+    # --timed: a subset of the GGUF files (torch fp32 and ONNX are always timed); every file's prefill
+    # is timed runs + warmup times per round, so timing all of them takes ~13 minutes a round here
+    timed = {k: v for k, v in files.items() if not args.timed or any(t in k for t in args.timed)}
     rounds = []
     for r in range(args.rounds):
-        rounds.append(time_round(files, bundle, onnx, timing, reverse=r % 2 == 1))
+        rounds.append(time_round(timed, bundle, onnx, timing, reverse=r % 2 == 1))
         print(f"  timing round {r + 1}/{args.rounds} done", flush=True)
     for name in rounds[0] if rounds else ():
         for key in ("prefill_ms", "decode_ms"):
@@ -290,8 +293,9 @@ def table(report: dict[str, Any]) -> str:
     for name, r in report["rows"].items():
         ppl = f"{r['ppl']:.3f}" if "ppl" in r else "—"
         made = f"{r['compress_s']:.1f}" + (f" + write {r['write_s']:.1f}" if "write_s" in r else "") if "compress_s" in r else "—"
-        lines.append(f"| {name} | {r['size_bytes'] / 1e6:.1f} | {ppl} | {r.get('prefill_ms', 0):.1f} | "
-                     f"{r.get('decode_ms', 0):.2f} | {made} |")
+        prefill = f"{r['prefill_ms']:.1f}" if "prefill_ms" in r else "—"  # "—": not timed (--timed)
+        decode = f"{r['decode_ms']:.2f}" if "decode_ms" in r else "—"
+        lines.append(f"| {name} | {r['size_bytes'] / 1e6:.1f} | {ppl} | {prefill} | {decode} | {made} |")
     return "\n".join(lines)
 
 
@@ -312,6 +316,7 @@ def main() -> None:
     parser.add_argument("--quiet-load", type=float, default=0.6, help="wait for a load average below this to time")
     parser.add_argument("--quiet-wait", type=float, default=3600, help="seconds to wait for it at most")
     parser.add_argument("--variants", nargs="*", help="our variants to run (substrings of their names; default all)")
+    parser.add_argument("--timed", nargs="*", help="GGUF files to time (substrings of their names; default all)")
     parser.add_argument("--tools", type=Path, default=ROOT / ".venv" / "llama.cpp", help="`make llamacpp-tools` output")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
