@@ -39,6 +39,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
                   "num_attention_heads": 32, "tie_word_embeddings": False},
 }
 RECIPE = "steps: [{{method: gptq, bits: 4, group_size: {g}, num_samples: {n}}}]"
+RECIPE_FIRST = "steps: [{{method: gptq, bits: 4, group_size: {g}, num_samples: {n}, targets: ['re:^model\\.layers\\.({blocks})\\.']}}]"
 
 
 def model_folder(name: str, workdir: Path, layers: int | None = None) -> Path:
@@ -95,6 +96,8 @@ class PhaseTrace:
         import threading
 
         self.phase, self.peaks = "load", {"load": _rss_bytes()}
+        self.seconds: dict[str, float] = {}  # wall time spent in each phase
+        self._since = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -106,7 +109,9 @@ class PhaseTrace:
 
     def enter(self, phase: str) -> None:
         self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), _rss_bytes())
-        self.phase = phase
+        now = time.perf_counter()
+        self.seconds[self.phase] = self.seconds.get(self.phase, 0.0) + now - self._since
+        self.phase, self._since = phase, now
 
     def hook_engine(self, blocks: list[Any]) -> None:
         from contextlib import contextmanager
@@ -156,8 +161,10 @@ class PhaseTrace:
         return {k: round(v / 1e6) for k, v in self.peaks.items() if " / " not in k or k.startswith("block 0 /")}
 
 
-def worker(folder: Path, side: str, dtype: str, n: int, group: int = 128) -> dict[str, Any]:
-    """One run in this process: ours (`slimformer`) or llm-compressor's oneshot (`llm-compressor`)."""
+def worker(folder: Path, side: str, dtype: str, n: int, group: int = 128, compress: int = 0) -> dict[str, Any]:
+    """One run in this process: ours (`slimformer`) or llm-compressor's oneshot (`llm-compressor`).
+    compress > 0: GPTQ on the first `compress` blocks only, the others only run (the whole model's
+    weights resident, each block's transient measured on top of them, in a fraction of the time)."""
     import torch
 
     from slimformer.context import StepContext
@@ -180,7 +187,9 @@ def worker(folder: Path, side: str, dtype: str, n: int, group: int = 128) -> dic
     t0 = time.perf_counter()
     if side == "slimformer":
         trace.hook_engine(find_blocks(bundle.model)[1])
-        Recipe.coerce(RECIPE.format(n=n, g=group)).apply(bundle.model, ctx)
+        recipe = RECIPE.format(n=n, g=group) if not compress else RECIPE_FIRST.format(
+            n=n, g=group, blocks="|".join(str(i) for i in range(compress)))
+        Recipe.coerce(recipe).apply(bundle.model, ctx)
     else:
         trace.enter("peer")
         from types import SimpleNamespace
@@ -192,15 +201,19 @@ def worker(folder: Path, side: str, dtype: str, n: int, group: int = 128) -> dic
         llmc_gptq(group)(bundle.model, bench)
     method_s = time.perf_counter() - t0
     io = _io()
+    peaks = trace.stop()
+    # with `compress`, the time per compressed block is its phase's own; the other blocks only ran
+    per_block = (sum(t for k, t in trace.seconds.items() if k.split(" / ")[0] in {f"block {i}" for i in range(compress)})
+                 / compress if compress else method_s / blocks)
     return {"side": side, "dtype": dtype, "group_size": group, "params": params, "blocks": blocks, "block_params": block_params,
-            "load_s": round(loaded, 2),
-            "method_s": round(method_s, 2), "s_per_block": round(method_s / blocks, 3),
+            **({"compressed_blocks": compress} if compress else {}), "load_s": round(loaded, 2),
+            "method_s": round(method_s, 2), "s_per_block": round(per_block, 3),
             "read_bytes": io["read_bytes"], "rchar": io["rchar"], **peak_memory(),
-            "peak_rss_mb_by_phase": trace.stop()}
+            "peak_rss_mb_by_phase": peaks}
 
 
-def run_one(folder: Path, side: str, dtype: str, n: int, group: int) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", str(folder), side, dtype, str(n), str(group)]
+def run_one(folder: Path, side: str, dtype: str, n: int, group: int, compress: int = 0) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", str(folder), side, dtype, str(n), str(group), str(compress)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         return {"side": side, "dtype": dtype, "error": done.stderr.strip().splitlines()[-1][:300]}
@@ -258,7 +271,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        print(json.dumps(worker(Path(sys.argv[2]), sys.argv[3], sys.argv[4], *map(int, sys.argv[5:7]))))
+        print(json.dumps(worker(Path(sys.argv[2]), sys.argv[3], sys.argv[4], *map(int, sys.argv[5:8]))))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "smollm2-360m", "smollm2-1.7b"],
@@ -270,6 +283,9 @@ def main() -> None:
                         help="models to also run on the fp32 whole-model path (--dtype float32)")
     parser.add_argument("--peer", nargs="*", default=[], help="models to run llm-compressor's GPTQModifier on")
     parser.add_argument("--layers", type=int, help="cut each config to this many blocks (a shape's per-block peak)")
+    parser.add_argument("--blocks", type=int, default=0,
+                        help="GPTQ on the first N blocks only, the rest only run: the whole model resident, "
+                             "its per-block peak measured on top of it (the 8B config in minutes, not hours)")
     parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "slimformer" / "scale"))
     parser.add_argument("--json", default="out/scale.json")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
@@ -290,7 +306,8 @@ def main() -> None:
             ([("llm-compressor", "auto")] if name in args.peer else [])
         for side, dtype in plan:
             row = {"model": name, **({"layers": args.layers} if args.layers else {}),
-                   **run_one(folder, side, dtype, args.calib_windows, args.group_size)}
+                   **({"compressed_blocks": args.blocks} if args.blocks else {}),
+                   **run_one(folder, side, dtype, args.calib_windows, args.group_size, args.blocks if side == "slimformer" else 0)}
             print(json.dumps(row), flush=True)
             rows.append(row)
     print("\n" + table(rows))

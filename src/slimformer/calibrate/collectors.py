@@ -75,6 +75,15 @@ class HessianCollector(SharedInputs):
     def get(self, name: str) -> torch.Tensor:
         return self.sums[self.leader(name)][0]
 
+    def last_users(self, names: list[str]) -> dict[str, str]:
+        """Leader -> the last of `names` that reads its Hessian (visited in this order)."""
+        return {self.leader(name): name for name in names}
+
+    def release(self, name: str) -> None:
+        """Forget the Hessian of `name`'s input (a factor made from it is kept): once its last layer
+        has what it needs, so it is not alive beside the later layers' work (0.8 GB at 14336 wide)."""
+        self.sums.pop(self.leader(name), None)
+
     def shared(self, name: str, make: Callable[[torch.Tensor], Any]) -> Any:
         """`make(H)` for layer `name`, made once for the layers that share its Hessian (q/k/v and
         gate/up have one inverse factor: GPTQ and SparseGPT computed it for each). Only the latest

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -128,18 +129,21 @@ def onloaded(module: nn.Module, device: torch.device | None, compute_dtype: torc
         yield module
         return
     home = module_device(module)
-    stored = {(id(m), name): (m, name, p.dtype) for m in module.modules() for name, p in m.named_parameters(recurse=False)
-              if compute_dtype is not None and p.is_floating_point() and p.dtype != compute_dtype}
+    # weak references: a layer the method swaps out is freed when it drops it, not at the end of the body
+    stored = [(weakref.ref(m), name, p.dtype) for m in module.modules() for name, p in m.named_parameters(recurse=False)
+              if compute_dtype is not None and p.is_floating_point() and p.dtype != compute_dtype]
     if device is not None and device != home:
         module.to(device)
-    for m, name, _ in stored.values():
+    for ref, name, _ in stored:
+        m = ref()
         m._parameters[name].data = m._parameters[name].data.to(compute_dtype)
     try:
         yield module
     finally:
         alive = {id(m) for m in module.modules()}  # a layer swapped out is dropped, not rounded back
-        for m, name, dtype in stored.values():
-            p = m._parameters.get(name) if id(m) in alive else None
+        for ref, name, dtype in stored:
+            m = ref()
+            p = m._parameters.get(name) if m is not None and id(m) in alive else None
             if p is not None and p.dtype == compute_dtype:
                 p.data = p.data.to(dtype)
         if device is not None and device != home:

@@ -67,17 +67,23 @@ def sparsegpt(model: nn.Module, config: SparseGPTConfig, ctx: StepContext | None
         hessians = HessianCollector("sparsegpt", windows.shape[1], config.sink_weight)
         observe_linears(block, layers, inputs, hessians)
         zeros = {}
-        for name, layer in layers.items():
-            w = dense_weight(name, layer, "sparsegpt")
+        last = hessians.last_users(list(layers))
+        for name in list(layers):
+            w = dense_weight(name, layers[name], "sparsegpt")
+            hinv = hessians.shared(name, lambda h: inverse_hessian_factor(h, config.damp))
+            h_diag = torch.diag(hessians.get(name))  # all the walk needs of H once it has the factor
+            if last[hessians.leader(name)] == name:
+                hessians.release(name)
             res = sparsegpt_prune(
-                w, hessians.get(name), sparsity=None if nm else sparsity_of.get(name, config.sparsity),
+                w, h_diag, sparsity=None if nm else sparsity_of.get(name, config.sparsity),
                 nm=nm.get(name), damp=config.damp, block_size=config.block_size, bits=config.bits,
-                group_size=config.group_size, symmetric=config.symmetric,
-                hinv=hessians.shared(name, lambda h: inverse_hessian_factor(h, config.damp)))
+                group_size=config.group_size, symmetric=config.symmetric, hinv=hinv)
             if res.codes is None:
                 w.copy_(res.weight)
             else:
-                model.set_submodule(name, QuantLinear.from_codes(res.codes, res.qparams, getattr(layer, "bias", None)))
+                quantized = QuantLinear.from_codes(res.codes, res.qparams, getattr(layers[name], "bias", None))
+                model.set_submodule(name, quantized)
+                layers[name] = selected[name] = quantized  # the float layer is freed now, not with the block
             zeros[name] = int((~res.keep).sum())
         return {"block": index, "zeros": zeros}
 

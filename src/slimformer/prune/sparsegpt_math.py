@@ -51,7 +51,8 @@ def sparsegpt_prune(
 ) -> SparseGPTResult:
     """Prune w (out, in) against the Hessian h (in, in) of its inputs: exactly round(sparsity * numel)
     weights (the count split over column blocks), or n of every m consecutive inputs per row.
-    hinv: `inverse_hessian_factor(h, damp)` when the caller already has it (layers sharing h)."""
+    hinv: `inverse_hessian_factor(h, damp)` when the caller already has it (layers sharing h); h
+    may then be only H's diagonal (in,), all the walk reads of it."""
     if (sparsity is None) == (nm is None):
         raise ValueError("give exactly one of sparsity or nm")
     if sparsity is not None:
@@ -60,7 +61,7 @@ def sparsegpt_prune(
         check_scheme(bits, group_size)
     out_f, in_f = w.shape
     w = w.detach().float().clone()
-    w[:, torch.diag(h) == 0] = 0.0  # inputs that never fire: their weights carry no signal
+    w[:, (h if h.dim() == 1 else torch.diag(h)) == 0] = 0.0  # inputs that never fire: their weights carry no signal
     if hinv is None:
         hinv = inverse_hessian_factor(h, damp)  # upper Cholesky factor of H^-1, fp32
     m = nm[1] if nm is not None else None

@@ -66,15 +66,21 @@ def gptq(model: nn.Module, config: GPTQConfig, ctx: StepContext | None = None) -
     def process(index: int, block: nn.Module, inputs, layers: dict[str, nn.Module]) -> dict[str, Any]:
         hessians = HessianCollector("gptq", windows.shape[1], config.sink_weight)
         observe_linears(block, layers, inputs, hessians)
-        for name, layer in layers.items():
+        last = hessians.last_users(list(layers))
+        for name in list(layers):
             factor = hessians.shared(name, lambda h: gptq_factor(h, config.damp, config.act_order))
+            h_diag = torch.diag(hessians.get(name))  # all the walk needs of H once it has the factor
+            if last[hessians.leader(name)] == name:
+                hessians.release(name)
             codes, qp = gptq_quantize(
-                weight_view(layer).float(), hessians.get(name), config.bits, config.group_size, config.symmetric,
+                weight_view(layers[name]).float(), h_diag, config.bits, config.group_size, config.symmetric,
                 damp=config.damp, block_size=config.block_size, act_order=config.act_order,
                 scale_rule=config.scale_rule, zero_point=config.zero_point, scale_search=config.scale_search,
                 factor=factor,
             )
-            model.set_submodule(name, QuantLinear.from_codes(codes, qp, getattr(layer, "bias", None)))
+            quantized = QuantLinear.from_codes(codes, qp, getattr(layers[name], "bias", None))
+            model.set_submodule(name, quantized)
+            layers[name] = selected[name] = quantized  # the float layer is freed now, not with the block
         return {"block": index, "layers": len(layers)}
 
     infos = run_on_targets(model, selected, windows, process, ctx)
