@@ -221,29 +221,46 @@ def run_one(folder: Path, side: str, dtype: str, n: int, group: int, compress: i
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | side | dtype | group | params (M) | bf16 size (MB) | s / block | method (s) | "
-             "peak while loading (MB) | peak RSS (MB) | RSS / bf16 size | read (MB) |", "|---" * 12 + "|"]
+    lines = ["| model | side | dtype | group | params (M) | bf16 size (MB) | s / block | GPTQ work / block (T) | "
+             "G mult-adds / s | method (s) | peak while loading (MB) | peak RSS (MB) | RSS / bf16 size | read (MB) |",
+             "|---" * 14 + "|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['side']} | {r['dtype']} | | | | | | | | | {r['error']} |")
+            lines.append(f"| {r['model']} | {r['side']} | {r['dtype']} |" + " |" * 10 + f" {r['error']} |")
             continue
         bf16 = r["params"] * 2
         loaded = r.get("peak_rss_mb_by_phase", {}).get("load", "")
+        work = gptq_work(r["model"], 512 * r.get("calib_windows", 4))
         lines.append(f"| {r['model']} | {r['side']} | {r['dtype']} | {r.get('group_size', 128)} | "
-                     f"{r['params'] / 1e6:.0f} | {bf16 / 1e6:.0f} | {r['s_per_block']:.2f} | {r['method_s']:.0f} | "
+                     f"{r['params'] / 1e6:.0f} | {bf16 / 1e6:.0f} | {r['s_per_block']:.2f} | {work / 1e12:.2f} | "
+                     f"{work / r['s_per_block'] / 1e9:.0f} | {r['method_s']:.0f} | "
                      f"{loaded} | {r['peak_rss_bytes'] / 1e6:.0f} | {r['peak_rss_bytes'] / bf16:.2f} | "
                      f"{r['read_bytes'] / 1e6:.0f} |")
     return "\n".join(lines)
 
 
-def _block_params(row: dict[str, Any]) -> int:
-    """Parameters of one block (rows from before the worker recorded it: from the config)."""
-    if "block_params" in row:
-        return row["block_params"]
-    c = {**CONFIGS, "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
-                                     "num_key_value_heads": 3, "head_dim": 64}}[row["model"]]
-    h, q, kv = c["hidden_size"], c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
-    return 2 * h * q + 2 * h * kv + 3 * h * c["intermediate_size"] + 2 * h
+SHAPES = {**CONFIGS, "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+                                       "num_key_value_heads": 3, "head_dim": 64}}
+
+
+def _widths(model: str) -> tuple[int, int, int, int]:
+    c = SHAPES[model]
+    return c["hidden_size"], c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"], \
+        c["intermediate_size"]
+
+
+def gptq_work(model: str, tokens: int) -> float:
+    """Multiply-adds of one Llama block's GPTQ turn on `tokens` calibration tokens: the column
+    sweep's updates (out x in^2 per layer), the inverse factor of each distinct input (Cholesky,
+    inverse, Cholesky: 4/3 in^3), its Hessian (tokens x in^2) and the two forward passes
+    (observation and output: 2 x tokens x parameters). GPTQ's time grows with this, not with the
+    parameters: the widest input enters cubed."""
+    h, q, kv, inter = _widths(model)
+    layers = [(q, h), (kv, h), (kv, h), (h, q), (inter, h), (inter, h), (h, inter)]  # (out, in)
+    inputs = [h, q, h, inter]  # q/k/v share one, gate/up one
+    params = sum(o * i for o, i in layers)
+    return (sum(o * i * i for o, i in layers) + sum(4 / 3 * n ** 3 + tokens * n * n for n in inputs)
+            + 2 * tokens * params)
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -259,10 +276,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         xs = [x for x, _ in pts]
         a.plot(xs, [r["s_per_block"] for _, r in pts], marker=marker, label=f"{side} {dtype}")
         b.plot(xs, [r["peak_rss_bytes"] / 1e9 for _, r in pts], marker=marker, label=f"{side} {dtype}")
-        c.plot([_block_params(r) / 1e6 for _, r in pts], [r["s_per_block"] for _, r in pts], marker=marker,
-               label=f"{side} {dtype}")
+        c.plot([gptq_work(r["model"], 512 * r.get("calib_windows", 4)) / 1e12 for _, r in pts],
+               [r["s_per_block"] for _, r in pts], marker=marker, label=f"{side} {dtype}")
     a.set(xlabel="parameters (B)", ylabel="GPTQ s / block", title="time per block")
-    c.set(xlabel="parameters per block (M)", ylabel="GPTQ s / block", title="time against block size")
+    c.set(xlabel="GPTQ work per block (10^12 multiply-adds)", ylabel="GPTQ s / block", title="time against GPTQ's work")
     b.set(xlabel="parameters (B)", ylabel="peak RSS (GB)", title="peak RSS")
     a.legend()
     fig.tight_layout()
