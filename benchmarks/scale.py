@@ -231,11 +231,12 @@ def table(rows: list[dict[str, Any]]) -> str:
         bf16 = r["params"] * 2
         loaded = r.get("peak_rss_mb_by_phase", {}).get("load", "")
         work = gptq_work(r["model"], 512 * r.get("calib_windows", 4))
+        read = f"{r['read_bytes'] / 1e6:.0f}" if "read_bytes" in r else ""  # rows copied from an older table lack it
         lines.append(f"| {r['model']} | {r['side']} | {r['dtype']} | {r.get('group_size', 128)} | "
                      f"{r['params'] / 1e6:.0f} | {bf16 / 1e6:.0f} | {r['s_per_block']:.2f} | {work / 1e12:.2f} | "
                      f"{work / r['s_per_block'] / 1e9:.0f} | {r['method_s']:.0f} | "
                      f"{loaded} | {r['peak_rss_bytes'] / 1e6:.0f} | {r['peak_rss_bytes'] / bf16:.2f} | "
-                     f"{r['read_bytes'] / 1e6:.0f} |")
+                     f"{read} |")
     return "\n".join(lines)
 
 
@@ -269,9 +270,18 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if not r.get("compressed_blocks")]  # a partial run's time is not a whole run's
     fig, (a, c, b) = plt.subplots(1, 3, figsize=(15, 4))
-    for (side, dtype), marker in zip(sorted({(r["side"], r["dtype"]) for r in rows if "error" not in r}), "osd^"):
-        pts = sorted(((r["params"] / 1e9, r) for r in rows if (r["side"], r["dtype"]) == (side, dtype) and "error" not in r),
+    sizes = sorted({r["params"] for r in rows})
+    b.plot([x / 1e9 for x in sizes], [1.2 * 2 * x / 1e9 for x in sizes], "k--", lw=0.8, label="1.2 x bf16 weights")
+    def series(r: dict[str, Any]) -> tuple[str, str, str]:  # runs of another date (merged rows) are their own line
+        return r["side"], r["dtype"], r.get("date", "")
+
+    for key, marker in zip(sorted({series(r) for r in rows if "error" not in r}), "osd^v<>"):
+        side, dtype, date = key
+        if date:
+            dtype = f"{dtype}, {date}"
+        pts = sorted(((r["params"] / 1e9, r) for r in rows if series(r) == key and "error" not in r),
                      key=lambda t: t[0])
         xs = [x for x, _ in pts]
         a.plot(xs, [r["s_per_block"] for _, r in pts], marker=marker, label=f"{side} {dtype}")
@@ -282,6 +292,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     c.set(xlabel="GPTQ work per block (10^12 multiply-adds)", ylabel="GPTQ s / block", title="time against GPTQ's work")
     b.set(xlabel="parameters (B)", ylabel="peak RSS (GB)", title="peak RSS")
     a.legend()
+    b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -322,7 +333,7 @@ def main() -> None:
         plan = [("slimformer", "auto")] + ([("slimformer", "float32")] if name in args.fp32 else []) + \
             ([("llm-compressor", "auto")] if name in args.peer else [])
         for side, dtype in plan:
-            row = {"model": name, **({"layers": args.layers} if args.layers else {}),
+            row = {"model": name, "date": time.strftime("%Y-%m-%d"), **({"layers": args.layers} if args.layers else {}),
                    **({"compressed_blocks": args.blocks} if args.blocks else {}),
                    **run_one(folder, side, dtype, args.calib_windows, args.group_size, args.blocks if side == "slimformer" else 0)}
             print(json.dumps(row), flush=True)
