@@ -79,48 +79,44 @@ def test_inputs_wider_than_the_fp64_limit_factor_in_fp32() -> None:
     assert (narrow - wide).abs().max() <= 1e-4 * narrow.abs().max()
 
 
-def _peak_rss_mb() -> float:
-    return peak_memory()["peak_rss_bytes"] / 2**20  # VmHWM on Linux
+def _factor_peak_mb(fp64_max_width: int, n: int = 3072) -> tuple[float, torch.Tensor]:
+    """(MB the act-order factor of an n-wide H adds to the resident peak over the caller's, the
+    factor). 3072 wide: 36-72 MB a matrix, above glibc's largest mmap threshold, so every one is
+    its own mapping and counts in the resident peak."""
+    torch.manual_seed(3)
+    x = torch.randn(n + 64, n)
+    h = x.T @ x / x.shape[0]
+    del x
+    order = torch.argsort(torch.diag(h), descending=True)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    before = peak_memory()["peak_rss_bytes"]  # VmHWM on Linux
+    u = inverse_hessian_factor(h, 0.01, order, fp64_max_width)
+    return (peak_memory()["peak_rss_bytes"] - before) / 2**20, u
 
 
-@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's resettable peak RSS")
+NEEDS_PEAK_RESET = pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK),
+                                      reason="needs Linux's resettable peak RSS")
+
+
+@NEEDS_PEAK_RESET
 def test_inverse_factor_keeps_at_most_two_fp64_matrices_alive() -> None:
     """The factor's peak memory: at most ~2 (in, in) fp64 matrices over what the caller holds
     (each step writes over the one before; three were alive before, plus a permuted fp32 copy of H,
-    1.6 GB more on Llama-3-8B's down_proj). 3072 wide: 72 MB a matrix, above glibc's largest mmap
-    threshold, so every one is its own mapping and counts in the resident peak."""
-    torch.manual_seed(3)
-    n = 3072
-    x = torch.randn(n + 64, n)
-    h = x.T @ x / x.shape[0]
-    del x
-    order = torch.argsort(torch.diag(h), descending=True)
-    matrix_mb = n * n * 8 / 2**20
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident set
-    before = _peak_rss_mb()
-    u = inverse_hessian_factor(h, 0.01, order)
-    extra = _peak_rss_mb() - before - u.numel() * 4 / 2**20
+    1.6 GB more on Llama-3-8B's down_proj)."""
+    extra, u = _factor_peak_mb(FP64_MAX_WIDTH)
+    matrix_mb = u.numel() * 8 / 2**20
+    extra -= u.numel() * 4 / 2**20  # the fp32 result
     assert extra <= 2.3 * matrix_mb, f"{extra:.0f} MB over the caller's, {matrix_mb:.0f} MB a matrix"
 
 
-@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's resettable peak RSS")
+@NEEDS_PEAK_RESET
 def test_wide_inverse_factor_is_computed_in_the_memory_of_its_one_copy() -> None:
     """Above the fp64 width the factor's peak is the one fp32 copy it returns (Cholesky, inverse and
     upper Cholesky all write over it): Llama-3-8B's down_proj needs 0.8 GB beside its Hessian, not
-    3.3 GB. It fails if any step copies the matrix (row-major `out=` does)."""
-    torch.manual_seed(3)
-    n = 3072
-    x = torch.randn(n + 64, n)
-    h = x.T @ x / x.shape[0]
-    del x
-    order = torch.argsort(torch.diag(h), descending=True)
-    matrix_mb = n * n * 4 / 2**20  # 36 MB
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _peak_rss_mb()
-    u = inverse_hessian_factor(h, 0.01, order, fp64_max_width=n - 1)
-    extra = _peak_rss_mb() - before
+    3.3 GB. It fails if any step copies the matrix (row-major `out=` does: 2.0 matrices)."""
+    extra, u = _factor_peak_mb(0)
+    matrix_mb = u.numel() * 4 / 2**20
     assert u.dtype == torch.float32
     assert extra <= 1.5 * matrix_mb, f"{extra:.0f} MB over the caller's, {matrix_mb:.0f} MB an fp32 matrix"
 
