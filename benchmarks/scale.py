@@ -206,7 +206,7 @@ def worker(folder: Path, side: str, dtype: str, n: int, group: int = 128, compre
     per_block = (sum(t for k, t in trace.seconds.items() if k.split(" / ")[0] in {f"block {i}" for i in range(compress)})
                  / compress if compress else method_s / blocks)
     return {"side": side, "dtype": dtype, "group_size": group, "params": params, "blocks": blocks, "block_params": block_params,
-            **({"compressed_blocks": compress} if compress else {}), "load_s": round(loaded, 2),
+            "calib_windows": n, **({"compressed_blocks": compress} if compress else {}), "load_s": round(loaded, 2),
             "method_s": round(method_s, 2), "s_per_block": round(per_block, 3),
             "read_bytes": io["read_bytes"], "rchar": io["rchar"], **peak_memory(),
             "peak_rss_mb_by_phase": peaks}
@@ -253,7 +253,8 @@ def _widths(model: str) -> tuple[int, int, int, int]:
 def gptq_work(model: str, tokens: int) -> float:
     """Multiply-adds of one Llama block's GPTQ turn on `tokens` calibration tokens: the column
     sweep's updates (out x in^2 per layer), the inverse factor of each distinct input (Cholesky,
-    inverse, Cholesky: 4/3 in^3), its Hessian (tokens x in^2) and the two forward passes
+    inverse, Cholesky: 4/3 in^3 as the in-place fp32 path does it; the fp64 path's triangular solve
+    and explicit product do about twice that, not counted), its Hessian (tokens x in^2) and the two forward passes
     (observation and output: 2 x tokens x parameters). GPTQ's time grows with this, not with the
     parameters: the widest input enters cubed."""
     h, q, kv, inter = _widths(model)
@@ -334,7 +335,6 @@ def main() -> None:
             ([("llm-compressor", "auto")] if name in args.peer else [])
         for side, dtype in plan:
             row = {"model": name, "date": time.strftime("%Y-%m-%d"), **({"layers": args.layers} if args.layers else {}),
-                   **({"compressed_blocks": args.blocks} if args.blocks else {}),
                    **run_one(folder, side, dtype, args.calib_windows, args.group_size, args.blocks if side == "slimformer" else 0)}
             print(json.dumps(row), flush=True)
             rows.append(row)
